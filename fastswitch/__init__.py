@@ -1,0 +1,29 @@
+"""FastSwitch: fairness-aware LLM serving with cheap KV-cache context switches.
+
+The client SDK lives here (`fastswitch.client`), with the CLI (`fastswitch.cli`), the generated gRPC
+stubs (`fastswitch.v1`) and the small pieces every service shares (`fastswitch.common`).
+"""
+
+from fastswitch.client import (
+    AsyncClient,
+    Client,
+    Completion,
+    FastSwitchError,
+    InvalidRequest,
+    NotFound,
+    ResourceExhausted,
+    ServiceUnavailable,
+    TokenChunk,
+)
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Completion",
+    "FastSwitchError",
+    "InvalidRequest",
+    "NotFound",
+    "ResourceExhausted",
+    "ServiceUnavailable",
+    "TokenChunk",
+]
