@@ -1,0 +1,37 @@
+"""Token sampling: greedy, temperature, top-k, top-p, seeded.
+
+A seeded request draws from a generator seeded by (seed, position), so its output does not depend on
+batching or on being preempted and recomputed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastswitch.common.plan import Sampling
+
+_MASK = 0x7FFF_FFFF_FFFF_FFFF
+
+
+def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -> list[int]:
+    """One token per row of `logits` [N, V]; `positions` is the index the sampled token will take."""
+    out = torch.argmax(logits, dim=-1).tolist()
+    for row, (p, pos) in enumerate(zip(params, positions, strict=True)):
+        if p.greedy:
+            continue
+        scores = logits[row].float() / p.temperature
+        if p.top_k > 0 and p.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, p.top_k).values[-1]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        if 0.0 < p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            drop = cumulative - sorted_probs > p.top_p  # keep the smallest prefix reaching top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        generator = None
+        if p.seed is not None:
+            generator = torch.Generator().manual_seed((p.seed * 1_000_003 + pos) & _MASK)
+        out[row] = int(torch.multinomial(probs, 1, generator=generator).item())
+    return out

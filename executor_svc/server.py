@@ -1,0 +1,65 @@
+"""Thin gRPC adapter over ModelRunner: Describe, and the Execute plan/result stream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from executor_svc.model_runner import ModelRunner
+from fastswitch.common.errors import FailedPrecondition
+from fastswitch.common.plan import StepPlan
+from fastswitch.v1 import executor_pb2, executor_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+
+class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
+    def __init__(self) -> None:
+        self.runner: ModelRunner | None = None
+        self._stream_lock = asyncio.Lock()
+
+    def _ready_runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise FailedPrecondition("executor is still loading the model; retry when health is SERVING")
+        return self.runner
+
+    async def Describe(
+        self, request: executor_pb2.DescribeRequest, context: grpc.aio.ServicerContext
+    ) -> executor_pb2.ExecutorInfo:
+        r = self._ready_runner()
+        return executor_pb2.ExecutorInfo(
+            model=str(r.model_dir),
+            device=str(r.device),
+            dtype=str(r.dtype).removeprefix("torch."),
+            num_layers=r.num_layers,
+            num_kv_heads=r.num_kv_heads,
+            head_dim=r.head_dim,
+            block_size=r.block_size,
+            num_blocks=r.pool.num_blocks,
+            block_bytes=r.pool.block_bytes,
+            pool_handle=r.pool.handle,
+            max_model_len=r.max_model_len,
+            vocab_size=r.vocab_size,
+        )
+
+    async def Execute(
+        self, request_iterator: AsyncIterator[executor_pb2.StepPlan], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[executor_pb2.StepResult]:
+        runner = self._ready_runner()
+        if self._stream_lock.locked():
+            raise FailedPrecondition("another scheduler is already driving this executor")
+        async with self._stream_lock:
+            log.info("scheduler_attached", peer=context.peer())
+            # A new scheduler stream starts from a clean slate: it owns every block table.
+            runner.requests.clear()
+            try:
+                async for msg in request_iterator:
+                    plan = StepPlan.from_proto(msg)
+                    result = await asyncio.to_thread(runner.step, plan)
+                    yield result.to_proto()
+            finally:
+                runner.requests.clear()
+                log.info("scheduler_detached")

@@ -1,0 +1,1 @@
+"""The scheduler service: queues, policies, preemption, block tables, tokenizer, streaming (CPU only)."""
