@@ -4,3 +4,28 @@ The client SDK lives here (`fastswitch.client`), with the CLI (`fastswitch.cli`)
 stubs (`fastswitch.v1`) and the small pieces every service shares (`fastswitch.common`).
 """
 
+from fastswitch.client import (
+    AsyncClient,
+    Client,
+    Completion,
+    FastSwitchError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    ServiceUnavailable,
+    TokenChunk,
+)
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Completion",
+    "FastSwitchError",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "ServiceUnavailable",
+    "TokenChunk",
+]

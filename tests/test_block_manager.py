@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -180,7 +182,7 @@ def test_runs_round_trip_to_the_table_and_are_maximal(blocks: list[int]) -> None
     runs = BlockAllocator.runs(blocks)
     assert [b for r in runs for b in range(r.start, r.start + r.length)] == blocks
     assert all(r.length >= 1 for r in runs)
-    assert all(b.start != a.start + a.length for a, b in zip(runs, runs[1:]))
+    assert all(b.start != a.start + a.length for a, b in pairwise(runs))
 
 
 @given(st.integers(1, 500).flatmap(lambda size: st.tuples(st.just(size), st.integers(1, size))))

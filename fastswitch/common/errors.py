@@ -121,3 +121,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 stream_stream, handler.request_deserializer, handler.response_serializer
             )
         return handler
+
+
+class AlreadyExists(ServingError):
+    code = grpc.StatusCode.ALREADY_EXISTS

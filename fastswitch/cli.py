@@ -1,0 +1,214 @@
+"""The `fastswitch` command: run the stack or one service, talk to a running stack, benchmark.
+
+    fastswitch up [--port 50051] [--model PATH] ...      # start all services, print "ready", Ctrl-C stops
+    fastswitch generate "The capital of France is"      # stream a completion to stdout
+    fastswitch chat                                      # interactive multi-turn chat
+    fastswitch stats                                     # scheduler statistics as one JSON object
+    fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
+    fastswitch bench [--preset tiny|small|gpu]           # benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import uuid
+
+from fastswitch.client import DEFAULT_ADDR, Client, FastSwitchError
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from fastswitch.common.logs import configure_logging
+    from fastswitch.stack import Stack, StackConfig
+
+    configure_logging("fastswitch-up")
+    stack = Stack(
+        StackConfig(
+            port=args.port,
+            model=args.model,
+            block_size=args.block_size,
+            device_blocks=args.device_blocks,
+            host_blocks=args.host_blocks,
+            policy=args.policy,
+            preemption=args.preemption,
+            priority_updates=args.priority_updates,
+            priority_update_prob=args.priority_update_prob,
+            executors=args.executors,
+            max_running=args.max_running,
+            max_step_tokens=args.max_step_tokens,
+        ),
+        log_dir=args.log_dir,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        addr = stack.start(timeout_s=args.timeout)
+    except (RuntimeError, TimeoutError) as err:
+        print(f"fastswitch up failed: {err} (see logs in {args.log_dir or 'the service output'})", file=sys.stderr)
+        return 1
+    print(f"fastswitch ready at {addr}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            for p in stack.procs:
+                if p.poll() is not None:
+                    print(f"a service exited (code {p.returncode}); stopping the stack", file=sys.stderr)
+                    return 1
+    finally:
+        stack.stop()
+        print("fastswitch stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _generate_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop or (),
+        chat=args.chat,
+        tenant=args.tenant,
+        priority=args.priority,
+        conversation_id=args.conversation or "",
+        system_prompt=args.system or "",
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+    with Client(args.addr, timeout=args.timeout) as client:
+        for chunk in client.generate(prompt, **_generate_kwargs(args)):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    conversation = args.conversation or f"chat-{uuid.uuid4().hex[:8]}"
+    args.chat = True
+    kwargs = _generate_kwargs(args)
+    kwargs["conversation_id"] = conversation
+    with Client(args.addr, timeout=args.timeout) as client:
+        print(f"conversation {conversation}; empty line or Ctrl-D ends it", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            sys.stdout.write("model> ")
+            for chunk in client.generate(line, **kwargs):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            kwargs["system_prompt"] = ""
+        try:
+            client.end_conversation(conversation, tenant=args.tenant)
+        except FastSwitchError:
+            pass
+    return 0
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    with Client(args.addr) as client:
+        print(json.dumps(client.stats(), indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fastswitch.bench.runner import main as bench_main
+
+    return bench_main(args)
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--addr", default=DEFAULT_ADDR, help="scheduler HOST:PORT")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--priority", type=int, default=0, help="larger runs first (priority policy)")
+    p.add_argument("--tenant", default="", help="tenant for fair-share accounting")
+    p.add_argument("--conversation", default=None, help="conversation id: continue (or start) it")
+    p.add_argument("--system", default=None, help="system prompt (chat)")
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start scheduler, executor and swap daemon locally")
+    up.add_argument("--port", type=int, default=50051, help="scheduler port (executor +1, swap daemon +2)")
+    up.add_argument("--model", default="", help="HF directory or GGUF file (default: SmolLM2-135M-Instruct)")
+    up.add_argument("--block-size", type=int, default=16)
+    up.add_argument("--device-blocks", type=int, default=1024)
+    up.add_argument("--host-blocks", type=int, default=4096, help="host swap pool blocks (0: no swap daemon)")
+    up.add_argument("--policy", choices=["fcfs", "priority", "vtc"], default="fcfs")
+    up.add_argument("--preemption", choices=["swap", "recompute", "vllm-like"], default="swap")
+    up.add_argument("--priority-updates", choices=["none", "random", "markov"], default="none")
+    up.add_argument("--priority-update-prob", type=float, default=0.0)
+    up.add_argument("--executors", type=int, default=1)
+    up.add_argument("--max-running", type=int, default=64)
+    up.add_argument("--max-step-tokens", type=int, default=256)
+    up.add_argument("--log-dir", default=None, help="write each service's log here")
+    up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
+    up.set_defaults(func=_cmd_up)
+
+    gen = sub.add_parser("generate", help="stream a completion to stdout")
+    _add_sampling(gen)
+    gen.add_argument("--chat", action="store_true", help="apply the chat template")
+    gen.add_argument("prompt", help="prompt text ('-' reads stdin)")
+    gen.set_defaults(func=_cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    _add_sampling(chat)
+    chat.set_defaults(func=_cmd_chat)
+
+    stats = sub.add_parser("stats", help="print scheduler statistics as JSON")
+    stats.add_argument("--addr", default=DEFAULT_ADDR)
+    stats.set_defaults(func=_cmd_stats)
+
+    for name, module in (("scheduler", "scheduler_svc"), ("executor", "executor_svc"), ("swapd", "swap_daemon")):
+        p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
+        p.set_defaults(func=None, service=module)
+
+    bench = sub.add_parser("bench", help="benchmark the stack against baselines")
+    bench.add_argument("--preset", choices=["tiny", "small", "gpu"], default="small")
+    bench.add_argument("--modes", default=None, help="comma-separated modes")
+    bench.add_argument("--json", default=None, help="write results JSON here")
+    bench.add_argument("--out", default="bench-results", help="results directory")
+    bench.add_argument("--addr", default=None, help="benchmark a running stack instead of starting one")
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("scheduler", "executor", "swapd"):
+        import importlib
+
+        module = {"scheduler": "scheduler_svc", "executor": "executor_svc", "swapd": "swap_daemon"}[argv[0]]
+        importlib.import_module(f"{module}.__main__").main(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FastSwitchError as err:
+        print(f"fastswitch: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The FastSwitch client SDK: a sync `Client` and an asyncio `AsyncClient`.
+
+    from fastswitch import Client
+    with Client("localhost:50051") as client:
+        for chunk in client.generate("The capital of France is", max_tokens=16):
+            print(chunk.text, end="", flush=True)
+
+Errors are typed (`InvalidRequest`, `NotFound`, `ResourceExhausted`, `ServiceUnavailable`, ...), each
+carrying the server's message. Every call carries a deadline; one channel per client is reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
+
+DEFAULT_ADDR = "localhost:50051"
+DEFAULT_TIMEOUT_S = 600.0
+UNARY_TIMEOUT_S = 10.0
+
+
+class FastSwitchError(Exception):
+    """Base class of every SDK error; `code` is the gRPC status code."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class InvalidRequest(FastSwitchError):
+    """The request was malformed (empty prompt, bad sampling parameters, ...)."""
+
+
+class NotFound(FastSwitchError):
+    """No such request or conversation."""
+
+
+class ResourceExhausted(FastSwitchError):
+    """The request can never fit the server's KV pool, or the server is out of capacity."""
+
+
+class PermissionDenied(FastSwitchError):
+    """The tenant may not use this resource."""
+
+
+class ServiceUnavailable(FastSwitchError):
+    """The server (or a service behind it) is not reachable or not ready; retrying may help."""
+
+
+class DeadlineExceeded(FastSwitchError):
+    """The call did not finish within its deadline."""
+
+
+_ERRORS: dict[grpc.StatusCode, type[FastSwitchError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
+    grpc.StatusCode.FAILED_PRECONDITION: ServiceUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+def _typed(err: grpc.RpcError) -> FastSwitchError:
+    code = err.code() if hasattr(err, "code") else None
+    details = err.details() if hasattr(err, "details") else str(err)
+    cls = _ERRORS.get(code, FastSwitchError) if code is not None else FastSwitchError
+    return cls(f"{details} [{code.name if code else 'UNKNOWN'}]", code)
+
+
+_FINISH = {
+    common_pb2.FINISH_REASON_LENGTH: "length",
+    common_pb2.FINISH_REASON_EOS: "eos",
+    common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+
+
+@dataclass(slots=True)
+class TokenChunk:
+    """New text (and the token ids behind it) as it arrives; `finish_reason` is set on the last one."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    produced_unix_ns: int
+    prompt_tokens: int = 0
+
+    @classmethod
+    def from_proto(cls, msg: api_pb2.GenerateResponse) -> TokenChunk:
+        return cls(
+            request_id=msg.request_id,
+            text=msg.text,
+            token_ids=list(msg.token_ids),
+            finish_reason=_FINISH.get(msg.finish_reason),
+            produced_unix_ns=msg.produced_unix_ns,
+            prompt_tokens=msg.prompt_tokens,
+        )
+
+
+@dataclass(slots=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+
+    def add(self, chunk: TokenChunk) -> None:
+        self.request_id = chunk.request_id
+        self.text += chunk.text
+        self.token_ids.extend(chunk.token_ids)
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+        self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+
+
+def build_request(
+    prompt: str,
+    *,
+    max_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | tuple[str, ...] = (),
+    chat: bool = False,
+    ignore_eos: bool = False,
+    tenant: str = "",
+    priority: int = 0,
+    conversation_id: str = "",
+    system_prompt: str = "",
+    request_id: str = "",
+) -> api_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    if seed is not None:
+        sampling.seed = seed
+    return api_pb2.GenerateRequest(
+        request_id=request_id,
+        prompt=prompt,
+        chat=chat,
+        sampling=sampling,
+        max_tokens=max_tokens,
+        stop=list(stop),
+        ignore_eos=ignore_eos,
+        tenant=tenant,
+        priority=priority,
+        conversation_id=conversation_id,
+        system_prompt=system_prompt,
+    )
+
+
+class Client:
+    """Blocking client; `generate()` yields TokenChunks as they arrive."""
+
+    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(addr)
+        self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Iterator[TokenChunk]:
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        try:
+            for msg in call:
+                yield TokenChunk.from_proto(msg)
+        except grpc.RpcError as err:
+            raise _typed(err) from None
+        finally:
+            call.cancel()  # no-op when finished; frees the request's blocks if the caller stops early
+
+    def complete(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Completion:
+        completion = Completion(request_id="", text="")
+        for chunk in self.generate(prompt, timeout=timeout, **kwargs):
+            completion.add(chunk)
+        return completion
+
+    def cancel(self, request_id: str) -> None:
+        self._unary(self._stub.Cancel, api_pb2.CancelRequest(request_id=request_id))
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        self._unary(self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority))
+
+    def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
+        self._unary(
+            self._stub.EndConversation,
+            api_pb2.EndConversationRequest(tenant=tenant, conversation_id=conversation_id),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        resp = self._unary(self._stub.GetStats, api_pb2.GetStatsRequest())
+        out: dict[str, Any] = dict(resp.counters)
+        if resp.tenants:
+            out["tenants"] = {
+                name: {"service": t.service, "prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens}
+                for name, t in resp.tenants.items()
+            }
+        return out
+
+    def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return method(request, timeout=UNARY_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise _typed(err) from None
+
+
+class AsyncClient:
+    """asyncio client; `generate()` is an async iterator of TokenChunks."""
+
+    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.addr = addr
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(addr)
+        self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
+        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        try:
+            async for msg in call:
+                yield TokenChunk.from_proto(msg)
+        except grpc.RpcError as err:
+            raise _typed(err) from None
+        finally:
+            call.cancel()
+
+    async def complete(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Completion:
+        completion = Completion(request_id="", text="")
+        async for chunk in self.generate(prompt, timeout=timeout, **kwargs):
+            completion.add(chunk)
+        return completion
+
+    async def cancel(self, request_id: str) -> None:
+        await self._unary(self._stub.Cancel, api_pb2.CancelRequest(request_id=request_id))
+
+    async def set_priority(self, request_id: str, priority: int) -> None:
+        await self._unary(
+            self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority)
+        )
+
+    async def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
+        await self._unary(
+            self._stub.EndConversation,
+            api_pb2.EndConversationRequest(tenant=tenant, conversation_id=conversation_id),
+        )
+
+    async def stats(self) -> dict[str, Any]:
+        resp = await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest())
+        return dict(resp.counters)
+
+    async def _unary(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=UNARY_TIMEOUT_S)
+        except grpc.RpcError as err:
+            raise _typed(err) from None

@@ -1,0 +1,75 @@
+"""`python -m scheduler_svc` (or `fastswitch scheduler`): the client-facing API and the scheduler."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+
+from fastswitch.common.logs import configure_logging, get_logger
+from fastswitch.common.server import ServiceHost
+from fastswitch.v1 import api_pb2, api_pb2_grpc
+from scheduler_svc.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    parser.add_argument("--port", type=int, default=int(env("FASTSWITCH_PORT", "50051")))
+    parser.add_argument("--executor", default=env("FASTSWITCH_EXECUTOR_ADDR", "localhost:50052"), help="HOST:PORT")
+    parser.add_argument("--swapd", default=env("FASTSWITCH_SWAPD_ADDR", ""), help="HOST:PORT of the swap daemon")
+    parser.add_argument("--model", default=env("FASTSWITCH_MODEL", ""), help="same as the executor's --model")
+    parser.add_argument("--policy", choices=POLICIES, default=env("FASTSWITCH_POLICY", "fcfs"))
+    parser.add_argument("--preemption", choices=PREEMPTION_MODES, default=env("FASTSWITCH_PREEMPTION", "swap"))
+    parser.add_argument("--max-running", type=int, default=int(env("FASTSWITCH_MAX_RUNNING", "64")))
+    parser.add_argument("--max-step-tokens", type=int, default=int(env("FASTSWITCH_MAX_STEP_TOKENS", "256")))
+
+
+def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
+    config = SchedulerConfig(
+        port=args.port,
+        executor_addr=args.executor,
+        swapd_addr=args.swapd,
+        model=args.model,
+        policy=args.policy,
+        preemption=args.preemption,
+        max_running=args.max_running,
+        max_step_tokens=args.max_step_tokens,
+    )
+    config.validate()
+    return config
+
+
+def load_tokenizer(model: str):  # noqa: ANN201 - a transformers tokenizer
+    from transformers import AutoTokenizer
+
+    from fastswitch.common.model_source import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
+
+
+async def serve(config: SchedulerConfig) -> None:
+    from scheduler_svc.engine import Engine
+    from scheduler_svc.server import FastSwitchServicer
+
+    host = ServiceHost(f"[::]:{config.port}", [api_pb2.DESCRIPTOR.services_by_name["FastSwitch"].full_name])
+    engine = Engine(config)
+    api_pb2_grpc.add_FastSwitchServicer_to_server(FastSwitchServicer(engine), host.server)
+
+    async def ready() -> None:
+        await engine.start(await asyncio.to_thread(load_tokenizer, config.model))
+
+    await host.run(ready=ready, on_stop=engine.stop)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="fastswitch scheduler", description=__doc__)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    configure_logging("scheduler")
+    config = config_from_args(args)
+    get_logger(__name__).info("starting", port=config.port, executor=config.executor_addr, policy=config.policy)
+    asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

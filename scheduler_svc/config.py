@@ -1,0 +1,36 @@
+"""Scheduler configuration: one dataclass, validated with ValueError."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+POLICIES = ("fcfs", "priority", "vtc")
+PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    port: int = 50051
+    executor_addr: str = "localhost:50052"
+    swapd_addr: str = ""  # empty: no swap daemon (preemption recomputes)
+    model: str = ""  # for the tokenizer: same value as the executor's --model
+    policy: str = "fcfs"
+    preemption: str = "swap"
+    max_running: int = 64  # batch-size cap: requests in the running set
+    max_step_tokens: int = 256  # token budget per step (decodes + prefill chunks)
+    executor_timeout_s: float = 120.0  # fail live requests if no executor for this long
+
+    def validate(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.preemption not in PREEMPTION_MODES:
+            raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
+        if self.max_running <= 0:
+            raise ValueError(f"max running requests must be > 0, got {self.max_running}")
+        if self.max_step_tokens < self.max_running:
+            raise ValueError(
+                f"max step tokens ({self.max_step_tokens}) must be >= max running ({self.max_running}) "
+                "so that every running request can decode in one step"
+            )
+        if not self.executor_addr:
+            raise ValueError("executor address is required")

@@ -1,0 +1,367 @@
+"""The scheduler's async engine: drives the executor stream and feeds clients their tokens.
+
+One step is in flight at a time: schedule -> send the plan -> await the result -> apply it ->
+stream the new text. Client calls (submit, cancel) only touch the Scheduler between steps, on the
+event loop, so no block can be reused while a step that writes it is running. If the executor stream
+breaks, every running request is requeued to recompute from its tokens and the engine reconnects;
+requests fail with UNAVAILABLE only if no executor comes back within `executor_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import structlog
+
+from fastswitch.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFoundError,
+    ResourceExhaustedError,
+    Unavailable,
+)
+from fastswitch.common.plan import Sampling, StepOutput
+from fastswitch.common.server import CHANNEL_OPTIONS
+from fastswitch.v1 import executor_pb2, executor_pb2_grpc
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.detokenizer import Detokenizer
+from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.sequence import Finish, Sequence
+
+log = structlog.get_logger(__name__)
+
+DESCRIBE_DEADLINE_S = 10.0
+
+
+@dataclass(slots=True)
+class Chunk:
+    """What one streamed response carries."""
+
+    token_ids: list[int]
+    text: str
+    produced_unix_ns: int
+    finish: Finish | None = None
+
+
+@dataclass(slots=True)
+class GenerateInput:
+    prompt: str
+    max_tokens: int
+    sampling: Sampling
+    chat: bool = False
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    tenant: str = "default"
+    priority: int = 0
+    conversation_id: str = ""
+    system_prompt: str = ""
+    request_id: str = ""
+
+
+class _Live:
+    """Per-request streaming state, kept beside the Sequence."""
+
+    __slots__ = ("seq", "queue", "detok", "conversation", "started")
+
+    def __init__(self, seq: Sequence, detok: Detokenizer, conversation: tuple[str, str] | None) -> None:
+        self.seq = seq
+        self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self.detok = detok
+        self.conversation = conversation
+        self.started = time.monotonic()
+
+
+class Engine:
+    def __init__(self, config: SchedulerConfig, tokenizer: Any = None) -> None:
+        config.validate()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.info: executor_pb2.ExecutorInfo | None = None
+        self.scheduler: Scheduler | None = None
+        self.live: dict[str, _Live] = {}
+        # (tenant, conversation id) -> chat messages so far
+        self.conversations: dict[tuple[str, str], list[dict[str, str]]] = {}
+        self._wake = asyncio.Event()
+        self._channel: grpc.aio.Channel | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._started = time.monotonic()
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(self, tokenizer: Any = None) -> None:
+        """Connect to the executor (waiting for it to be ready), then run the step loop."""
+        if tokenizer is not None:
+            self.tokenizer = tokenizer
+        self._channel = grpc.aio.insecure_channel(self.config.executor_addr, options=CHANNEL_OPTIONS)
+        stub = executor_pb2_grpc.ExecutorStub(self._channel)
+        self.info = await self._describe(stub, wait_s=self.config.executor_timeout_s)
+        eos = self._eos_ids()
+        self.scheduler = Scheduler(self.config, self.info.num_blocks, self.info.block_size, eos)
+        log.info(
+            "executor_attached",
+            executor=self.config.executor_addr,
+            blocks=self.info.num_blocks,
+            block_size=self.info.block_size,
+            policy=self.config.policy,
+        )
+        self._task = asyncio.create_task(self._run(stub), name="step-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for live in list(self.live.values()):
+            self._end(live, Finish.CANCELLED)
+        if self._channel is not None:
+            await self._channel.close()
+
+    async def _describe(self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float) -> executor_pb2.ExecutorInfo:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return await stub.Describe(executor_pb2.DescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
+            except grpc.aio.AioRpcError as err:
+                if time.monotonic() > deadline:
+                    raise Unavailable(
+                        f"executor at {self.config.executor_addr} not ready after {wait_s:.0f}s: {err.details()}"
+                    ) from err
+                await asyncio.sleep(0.5)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # -- the step loop ----------------------------------------------------------------------------
+
+    async def _run(self, stub: executor_pb2_grpc.ExecutorStub) -> None:
+        assert self.scheduler is not None
+        lost_since: float | None = None
+        while True:
+            call = stub.Execute()
+            try:
+                self._connected.set()
+                lost_since = None
+                await self._drive(call)
+            except grpc.aio.AioRpcError as err:
+                call.cancel()
+                self._connected.clear()
+                lost_since = lost_since or time.monotonic()
+                log.warning("executor_lost", code=err.code().name, details=err.details())
+                self.scheduler.reset_executor_state()
+                self.scheduler.stats.counters["executor_reconnects"] += 1
+                await self._await_executor(stub, lost_since)
+
+    async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub, lost_since: float) -> None:
+        while True:
+            try:
+                info = await stub.Describe(executor_pb2.DescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
+                assert self.info is not None
+                if (info.num_blocks, info.block_size) != (self.info.num_blocks, self.info.block_size):
+                    log.error("executor_geometry_changed", old=self.info.num_blocks, new=info.num_blocks)
+                return
+            except grpc.aio.AioRpcError:
+                if time.monotonic() - lost_since > self.config.executor_timeout_s:
+                    for live in list(self.live.values()):
+                        self._fail(live, "executor unavailable; the request could not be completed")
+                await asyncio.sleep(0.5)
+
+    async def _drive(self, call: Any) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        while True:
+            plan = sched.schedule()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await call.write(plan.to_proto())
+            result = await call.read()
+            if result is grpc.aio.EOF:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "executor closed"
+                )
+            now_ns = time.time_ns()
+            output = StepOutput.from_proto(result)
+            sched.stats.counters["forward_s"] += output.forward_ns / 1e9
+            for event in sched.on_step_output(output):
+                live = self.live.get(event.seq.request_id)
+                if live is not None:
+                    self._emit(live, event.token_id, now_ns)
+            for rid in [rid for rid, live in self.live.items() if live.seq.finished]:
+                self._end(self.live[rid], self.live[rid].seq.finish or Finish.CANCELLED)
+
+    def _emit(self, live: _Live, token_id: int, now_ns: int) -> None:
+        text = live.detok.add(token_id)
+        if live.detok.stopped and not live.seq.finished:
+            assert self.scheduler is not None
+            self.scheduler.finish(live.seq, Finish.STOP)
+        live.queue.put_nowait(Chunk([token_id], text, now_ns))
+
+    def _end(self, live: _Live, finish: Finish) -> None:
+        self.live.pop(live.seq.request_id, None)
+        tail = live.detok.flush() if finish is not Finish.CANCELLED else ""
+        if live.conversation is not None and finish in (Finish.LENGTH, Finish.EOS, Finish.STOP):
+            history = self.conversations.setdefault(live.conversation, [])
+            history.append({"role": "assistant", "content": live.detok.text[: live.detok.sent] + tail})
+        live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish))
+        log.info(
+            "request_finished",
+            request_id=live.seq.request_id,
+            tenant=live.seq.tenant,
+            finish=finish.value,
+            prompt_tokens=live.seq.num_prompt,
+            output_tokens=len(live.seq.output_ids),
+            preemptions=live.seq.preemptions,
+            latency_s=round(time.monotonic() - live.started, 4),
+        )
+
+    def _fail(self, live: _Live, message: str) -> None:
+        assert self.scheduler is not None
+        self.scheduler.abort(live.seq.request_id, Finish.ERROR)
+        self.live.pop(live.seq.request_id, None)
+        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+
+    # -- client-facing operations -----------------------------------------------------------------
+
+    def submit(self, req: GenerateInput) -> Sequence:
+        """Validate and enqueue; raises a ServingError (mapped to a status) and changes no state."""
+        sched, info = self.scheduler, self.info
+        if sched is None or info is None or self._task is None:
+            raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+        if not req.prompt:
+            raise InvalidArgument("prompt is empty: send at least one character of text")
+        if req.max_tokens <= 0:
+            raise InvalidArgument(f"max_tokens must be > 0, got {req.max_tokens}")
+        try:
+            req.sampling.validate()
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from err
+        if any(not s for s in req.stop):
+            raise InvalidArgument("stop strings must be non-empty")
+        tenant = req.tenant or "default"
+        request_id = req.request_id or uuid.uuid4().hex
+        if request_id in self.live:
+            raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
+        conversation = (tenant, req.conversation_id) if req.conversation_id else None
+        messages = list(self.conversations.get(conversation, [])) if conversation else []
+        if req.system_prompt and not messages:
+            messages.append({"role": "system", "content": req.system_prompt})
+        messages.append({"role": "user", "content": req.prompt})
+        prompt_ids = self._tokenize(messages, req.chat)
+        if not prompt_ids:
+            raise InvalidArgument("prompt tokenises to nothing")
+        total = len(prompt_ids) + req.max_tokens
+        if total > info.max_model_len:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} exceeds the "
+                f"model's context of {info.max_model_len} tokens: shorten the prompt or lower max_tokens"
+            )
+        capacity = info.num_blocks * info.block_size
+        if total > capacity:
+            raise ResourceExhaustedError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} tokens can never "
+                f"fit the KV pool ({capacity} tokens): lower max_tokens or start with more --device-blocks"
+            )
+        seq = Sequence(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            sampling=req.sampling,
+            max_tokens=req.max_tokens,
+            stop=req.stop,
+            ignore_eos=req.ignore_eos,
+            tenant=tenant,
+            priority=req.priority,
+        )
+        if conversation is not None:
+            self.conversations[conversation] = messages
+        self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop), conversation)
+        sched.add(seq)
+        self._wake.set()
+        return seq
+
+    def _tokenize(self, messages: list[dict[str, str]], chat: bool) -> list[int]:
+        if chat:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        text = "".join(m["content"] for m in messages if m["role"] != "system")
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    async def stream(self, seq: Sequence) -> AsyncIterator[Chunk]:
+        """Chunks for one request until it finishes; cancelling the iterator cancels the request."""
+        live = self.live.get(seq.request_id)
+        if live is None:
+            raise NotFoundError(f"request {seq.request_id} is not live")
+        done = False
+        try:
+            while True:
+                chunk = await live.queue.get()
+                if chunk.finish is Finish.ERROR:
+                    done = True
+                    raise Unavailable(chunk.text)
+                yield chunk
+                if chunk.finish is not None:
+                    done = True
+                    return
+        finally:
+            if not done:
+                self.cancel(seq.request_id, missing_ok=True)
+
+    def cancel(self, request_id: str, missing_ok: bool = False) -> None:
+        live = self.live.get(request_id)
+        if live is None or self.scheduler is None or self.scheduler.abort(request_id) is None:
+            if missing_ok:
+                return
+            raise NotFoundError(f"no live request with id {request_id!r} (finished, cancelled or never sent)")
+        self._end(live, Finish.CANCELLED)
+        self._wake.set()
+
+    def set_priority(self, request_id: str, priority: int) -> None:
+        live = self.live.get(request_id)
+        if live is None:
+            raise NotFoundError(f"no live request with id {request_id!r}")
+        live.seq.priority = priority
+        self._wake.set()
+
+    def end_conversation(self, tenant: str, conversation_id: str) -> None:
+        if self.conversations.pop((tenant or "default", conversation_id), None) is None:
+            raise NotFoundError(f"tenant {tenant or 'default'!r} has no conversation {conversation_id!r}")
+
+    def stats(self) -> dict[str, float]:
+        sched = self.scheduler
+        counters: dict[str, float] = {
+            "preemptions": 0,
+            "swap_out_bytes": 0,
+            "swap_in_bytes": 0,
+            "copy_calls": 0,
+            "swap_stall_s": 0.0,
+            "recomputed_tokens": 0,
+            "reused_prefix_tokens": 0,
+            "device_blocks_free": 0,
+            "host_blocks_free": 0,
+        }
+        if sched is not None:
+            counters.update({k: float(v) for k, v in sched.stats.counters.items()})
+            counters["device_blocks_free"] = sched.allocator.num_free
+            counters["device_blocks_total"] = sched.allocator.num_blocks
+            counters["running"] = len(sched.running)
+            counters["waiting"] = len(sched.waiting)
+        counters["live_requests"] = len(self.live)
+        counters["uptime_s"] = time.monotonic() - self._started
+        return counters
+
+    def tenant_stats(self) -> dict[str, tuple[float, int, int]]:
+        return {}

@@ -1,0 +1,73 @@
+"""A request as the scheduler sees it: tokens, progress, and the blocks it owns."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from fastswitch.common.plan import Sampling
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Finish(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One generation request.
+
+    `tokens` is the prompt followed by everything generated so far; KV exists in the pool for the
+    first `num_computed` of them. Whatever remains (`tokens[num_computed:]`) is what the next step
+    must compute: the prompt (or the part after a chunk) for a prefill, the last sampled token for a
+    decode, the whole history after a recompute preemption.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    tenant: str = "default"
+    priority: int = 0
+    arrival: float = field(default_factory=time.monotonic)
+    tokens: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    status: Status = Status.WAITING
+    finish: Finish | None = None
+    block_table: list[int] = field(default_factory=list)
+    unsent_blocks: int = 0  # trailing blocks of block_table the executor has not been told about
+    executor_known: bool = False
+    preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.tokens:
+            self.tokens = list(self.prompt_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose KV the next steps must compute."""
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,81 @@
+"""Thin gRPC adapter: FastSwitch API requests in, Engine calls, responses out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from fastswitch.common.plan import Sampling
+from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
+from scheduler_svc.engine import Engine, GenerateInput
+from scheduler_svc.sequence import Finish
+
+log = structlog.get_logger(__name__)
+
+FINISH_TO_PROTO = {
+    Finish.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    Finish.EOS: common_pb2.FINISH_REASON_EOS,
+    Finish.STOP: common_pb2.FINISH_REASON_STOP,
+    Finish.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    Finish.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+
+
+class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Generate(
+        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.GenerateResponse]:
+        seq = self.engine.submit(
+            GenerateInput(
+                prompt=request.prompt,
+                max_tokens=request.max_tokens,
+                sampling=Sampling.from_proto(request.sampling),
+                chat=request.chat,
+                stop=tuple(request.stop),
+                ignore_eos=request.ignore_eos,
+                tenant=request.tenant,
+                priority=request.priority,
+                conversation_id=request.conversation_id,
+                system_prompt=request.system_prompt,
+                request_id=request.request_id,
+            )
+        )
+        structlog.contextvars.bind_contextvars(request_id=seq.request_id, tenant=seq.tenant)
+        first = True
+        async for chunk in self.engine.stream(seq):
+            response = api_pb2.GenerateResponse(
+                request_id=seq.request_id,
+                token_ids=chunk.token_ids,
+                text=chunk.text,
+                produced_unix_ns=chunk.produced_unix_ns,
+            )
+            if chunk.finish is not None:
+                response.finish_reason = FINISH_TO_PROTO[chunk.finish]
+            if first:
+                response.prompt_tokens = seq.num_prompt
+                first = False
+            yield response
+
+    async def Cancel(self, request: api_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> api_pb2.CancelResponse:
+        self.engine.cancel(request.request_id)
+        return api_pb2.CancelResponse()
+
+    async def SetPriority(
+        self, request: api_pb2.SetPriorityRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.SetPriorityResponse:
+        self.engine.set_priority(request.request_id, request.priority)
+        return api_pb2.SetPriorityResponse()
+
+    async def EndConversation(
+        self, request: api_pb2.EndConversationRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.EndConversationResponse:
+        self.engine.end_conversation(request.tenant, request.conversation_id)
+        return api_pb2.EndConversationResponse()
+
+    async def GetStats(self, request: api_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> api_pb2.GetStatsResponse:
+        return api_pb2.GetStatsResponse(counters=self.engine.stats())
