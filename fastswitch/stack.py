@@ -42,7 +42,9 @@ class StackConfig:
             raise ValueError(f"host blocks must be >= 0, got {self.host_blocks}")
 
 
-def wait_healthy(addr: str, timeout_s: float, procs: list[subprocess.Popen[bytes]] | None = None) -> None:
+def wait_healthy(
+    addr: str, timeout_s: float, procs: list[subprocess.Popen[bytes]] | None = None, log_dir: str | None = None
+) -> None:
     """Block until the gRPC health service at addr says SERVING; raise if a process dies first."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(addr) as channel:
@@ -50,7 +52,8 @@ def wait_healthy(addr: str, timeout_s: float, procs: list[subprocess.Popen[bytes
         while True:
             for p in procs or []:
                 if p.poll() is not None:
-                    raise RuntimeError(f"{' '.join(map(str, p.args))} exited with code {p.returncode}")
+                    where = f"; its log is in {log_dir}" if log_dir else ""
+                    raise RuntimeError(f"{' '.join(map(str, p.args))} exited with code {p.returncode}{where}")
             try:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -107,7 +110,7 @@ class Stack:
                     out = open(os.path.join(self.log_dir, f"{name}.log"), "wb")  # noqa: SIM115
                     self._logs.append(out)
                 self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=out))  # type: ignore[arg-type]
-            wait_healthy(self.addr, timeout_s, self.procs)
+            wait_healthy(self.addr, timeout_s, self.procs, self.log_dir)
         except BaseException:
             self.stop()
             raise

@@ -1,0 +1,235 @@
+"""The peer baseline: transformers' own continuous batching (`model.generate_batch`) on our model and prompts.
+
+`run_transformers_cb` runs every prompt through `generate_batch` (greedy, fixed output length when
+`ignore_eos`) and times the call; `run_sequential_generate` runs plain `model.generate()` one prompt at
+a time, as the no-batching floor. Both return a `PeerResult` with the generated ids in prompt order.
+
+Notes on the transformers API (5.x), found by reading `transformers.generation.continuous_batching`:
+
+* EOS: the manager takes `eos_token_id` from the GenerationConfig, then from the model config; a
+  negative id means "no EOS". So `eos_token_id=-1` makes every request run to `max_new_tokens`
+  without masking any token (unlike `min_new_tokens`, which bans EOS and can change the argmax).
+  `model.generate()` accepts -1 the same way (with a warning, silenced here).
+* Cache sizing: with no `ContinuousBatchingConfig`, the paged KV cache is sized from memory, which on
+  CPU means 60 % of RAM (gigabytes) with `max_batch_tokens=8192`; allocating it takes seconds and slows
+  every step. We size the cache to the workload instead (`workload_cb_config`), which is what a fair
+  comparison with a serving stack that sizes its own cache needs. Pass `cb_config` to override.
+* Warm-up: a first `generate_batch` call with `persistent_manager=True` builds and warms the manager
+  (cache allocation, first forward passes); the timed call reuses it, so `wall_s` excludes setup.
+* Timestamps: with `record_timestamps=True`, `GenerationOutput.timestamps` holds a `perf_counter()`
+  stamp per generated token and `created_time` the stamp at submission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
+
+NO_EOS = -1  # a negative EOS id disables EOS in both generate_batch and generate
+
+
+@dataclass(slots=True)
+class PeerResult:
+    outputs: list[list[int]]  # generated token ids per prompt, in prompt order
+    wall_s: float  # wall time of the generation call(s), excluding model load and warm-up
+    generated_tokens: int
+    throughput_tok_s: float
+    ttft_s: list[float] = field(default_factory=list)  # per request, submission -> first token
+    tbt_s: list[float] = field(default_factory=list)  # all inter-token gaps
+
+
+def _setup_torch() -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' warnings (e.g. about the negative EOS id) for the duration of a call."""
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def load_model(model_dir: str | os.PathLike) -> torch.nn.Module:
+    _setup_torch()
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def _generation_config(max_new_tokens: int, ignore_eos: bool, model: torch.nn.Module) -> GenerationConfig:
+    eos = NO_EOS if ignore_eos else model.generation_config.eos_token_id
+    pad = model.generation_config.pad_token_id
+    if pad is None:
+        pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+
+
+def workload_cb_config(
+    prompts: list[list[int]], max_new_tokens: int, page_size: int = 256
+) -> ContinuousBatchingConfig:
+    """A paged cache just big enough for every request at once, and a token budget that prefills all
+    prompts in one step (instead of the memory-derived defaults, which are huge on CPU)."""
+    num_blocks = sum(math.ceil((len(p) + max_new_tokens) / page_size) for p in prompts) + 1
+    max_batch_tokens = max(page_size, sum(len(p) for p in prompts))
+    return ContinuousBatchingConfig(
+        page_size=page_size,
+        num_blocks=num_blocks,
+        max_batch_tokens=max_batch_tokens,
+        max_requests_per_batch=len(prompts),
+    )
+
+
+def _result(outputs: list[list[int]], wall_s: float, ttft: list[float], tbt: list[float]) -> PeerResult:
+    n = sum(len(o) for o in outputs)
+    return PeerResult(
+        outputs=outputs,
+        wall_s=wall_s,
+        generated_tokens=n,
+        throughput_tok_s=n / wall_s if wall_s > 0 else 0.0,
+        ttft_s=ttft,
+        tbt_s=tbt,
+    )
+
+
+def run_transformers_cb(
+    model_dir: str | os.PathLike,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    ignore_eos: bool = True,
+    warmup: bool = True,
+    cb_config: ContinuousBatchingConfig | None = None,
+    model: torch.nn.Module | None = None,
+) -> PeerResult:
+    """Run all `prompts` through `model.generate_batch` (greedy) and time the call.
+
+    With `warmup`, a first call on the same prompts (2 new tokens) builds and warms a persistent
+    manager that the timed call reuses. `cb_config` defaults to `workload_cb_config(...)`; `model`
+    lets a caller reuse a loaded model (otherwise it is loaded from `model_dir`).
+    """
+    if not prompts:
+        return _result([], 0.0, [], [])
+    if model is None:
+        model = load_model(model_dir)
+    else:
+        _setup_torch()
+
+    def config() -> ContinuousBatchingConfig:
+        # the manager writes inferred values back into its config: give each manager a fresh one
+        if cb_config is not None:
+            return cb_config
+        return workload_cb_config(prompts, max_new_tokens)
+
+    gen_config = _generation_config(max_new_tokens, ignore_eos, model)
+    with _quiet_transformers():
+        if warmup:
+            model.generate_batch(
+                prompts,
+                generation_config=gen_config,
+                continuous_batching_config=config(),
+                persistent_manager=True,
+                max_new_tokens=min(2, max_new_tokens),
+            )
+        start = time.perf_counter()
+        try:
+            results = model.generate_batch(
+                prompts,
+                generation_config=gen_config,
+                continuous_batching_config=config(),
+                record_timestamps=True,
+                max_new_tokens=max_new_tokens,
+            )
+        finally:
+            model.destroy_cached_continuous_batching_manager()
+        wall_s = time.perf_counter() - start
+
+    # generate_batch returns the requests in submission (= prompt) order
+    ordered = list(results.values())
+    if len(ordered) != len(prompts) or any(r.error is not None for r in ordered):
+        errors = [r.error for r in ordered if r.error is not None]
+        raise RuntimeError(f"generate_batch returned {len(ordered)}/{len(prompts)} results; errors: {errors}")
+    outputs = [list(r.generated_tokens) for r in ordered]
+    ttft: list[float] = []
+    tbt: list[float] = []
+    for r in ordered:
+        stamps = r.timestamps or []
+        if stamps:
+            ttft.append(stamps[0] - r.created_time)
+            tbt.extend(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return _result(outputs, wall_s, ttft, tbt)
+
+
+class _TimingStreamer(BaseStreamer):
+    """Records a perf_counter() stamp for every token `generate()` emits (the first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:
+            self._seen_prompt = True
+            return
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def run_sequential_generate(
+    model_dir: str | os.PathLike,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    ignore_eos: bool = True,
+    warmup: bool = True,
+    model: torch.nn.Module | None = None,
+) -> PeerResult:
+    """Plain greedy `model.generate()`, one prompt at a time; TTFT is measured from each call's start."""
+    if model is None:
+        model = load_model(model_dir)
+    else:
+        _setup_torch()
+    gen_config = _generation_config(max_new_tokens, ignore_eos, model)
+
+    def generate(prompt: list[int], streamer: BaseStreamer | None, n: int) -> list[int]:
+        ids = torch.tensor([prompt], dtype=torch.long)
+        with torch.inference_mode():
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                generation_config=gen_config,
+                max_new_tokens=n,
+                streamer=streamer,
+            )
+        return out[0, len(prompt) :].tolist()
+
+    outputs: list[list[int]] = []
+    ttft: list[float] = []
+    tbt: list[float] = []
+    with _quiet_transformers():
+        if warmup and prompts:
+            generate(prompts[0], None, min(2, max_new_tokens))
+        start = time.perf_counter()
+        for prompt in prompts:
+            streamer = _TimingStreamer()
+            t0 = time.perf_counter()
+            outputs.append(generate(prompt, streamer, max_new_tokens))
+            if streamer.stamps:
+                ttft.append(streamer.stamps[0] - t0)
+                tbt.extend(b - a for a, b in zip(streamer.stamps, streamer.stamps[1:], strict=False))
+        wall_s = time.perf_counter() - start
+    return _result(outputs, wall_s, ttft, tbt)

@@ -1,0 +1,142 @@
+"""Shared fixtures: the real default model, a reference `generate()`, and stacks started the way
+`fastswitch up` starts them."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Real text prompts of varied length; batched together in the tests.
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a land far away,",
+    "List three primary colors:",
+    "The theory of relativity states that",
+    "To make a cup of tea, first",
+    "import numpy as np\n\n# compute the mean of an array\n",
+    "The quick brown fox",
+    "Water boils at a temperature of",
+    "In 1969, the first humans",
+]
+
+# A near-tie: the reference's top-2 logit gap at the first differing position is below this.
+NEAR_TIE_LOGIT_GAP = 0.05
+
+
+def free_port_base() -> int:
+    """A port p such that p, p+1 and p+2 are free right now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 2 < 65536 and all(_free(port + i) for i in range(3)):
+            return port
+    raise RuntimeError("no free port triple")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> str:
+    from fastswitch.common.model_source import resolve_model
+
+    return str(resolve_model(None))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir: str):  # noqa: ANN201
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@dataclass
+class Reference:
+    """transformers `generate()` on the same model: the ground truth for greedy outputs."""
+
+    model: object
+    tokenizer: object
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
+        import torch
+
+        kwargs = {"eos_token_id": None} if ignore_eos else {}
+        out = self.model.generate(  # type: ignore[attr-defined]
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.tokenizer.eos_token_id,  # type: ignore[attr-defined]
+            **kwargs,
+        )
+        return out[0, len(prompt_ids) :].tolist()
+
+    def top2_gap(self, ids: list[int]) -> float:
+        """Logit gap between the two most likely next tokens after `ids`."""
+        import torch
+
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids])).logits[0, -1]  # type: ignore[operator]
+        top = torch.topk(logits.float(), 2).values
+        return float(top[0] - top[1])
+
+    def check(self, prompt_ids: list[int], got: list[int], max_new_tokens: int, ignore_eos: bool = False) -> str:
+        """'match', or 'near-tie' when the first difference is a numerical near-tie; fails otherwise."""
+        want = self.generate(prompt_ids, max_new_tokens, ignore_eos)
+        if got == want:
+            return "match"
+        i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
+        gap = self.top2_gap(prompt_ids + want[:i])
+        assert gap < NEAR_TIE_LOGIT_GAP, (
+            f"output differs from generate() at token {i} where the reference is not a near-tie "
+            f"(top-2 logit gap {gap:.4f}):\n got={got}\nwant={want}"
+        )
+        return "near-tie"
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir: str, tokenizer) -> Reference:  # noqa: ANN001
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return Reference(model, tokenizer)
+
+
+def start_stack(**overrides: object) -> Iterator[object]:
+    from fastswitch.stack import Stack, StackConfig
+
+    config = StackConfig(port=free_port_base(), **overrides)  # type: ignore[arg-type]
+    log_dir = tempfile.mkdtemp(prefix="fastswitch-test-")
+    stack = Stack(config, log_dir=log_dir)
+    stack.start(timeout_s=300)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(model_dir: str) -> Iterator[object]:
+    """The default stack (swap daemon included), started through the same code as `fastswitch up`."""
+    yield from start_stack(device_blocks=256, host_blocks=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_pool_stack(model_dir: str) -> Iterator[object]:
+    """A stack whose device pool is so small that concurrent requests must be preempted."""
+    yield from start_stack(device_blocks=12, host_blocks=0, max_step_tokens=64)
