@@ -76,7 +76,9 @@ def _generation_config(max_new_tokens: int, ignore_eos: bool, model: torch.nn.Mo
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
+    )
 
 
 def workload_cb_config(

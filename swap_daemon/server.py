@@ -1,0 +1,185 @@
+"""Thin grpc.aio adapter: SwapCommand protos in, `CopyEngine.swap` in worker threads, SwapDone out.
+
+One `Swap` stream is one attachment. Commands on it run concurrently (copies happen in threads, never
+on the event loop) and their completions are streamed back in completion order. When the stream ends,
+for whatever reason, in-flight copies are waited for and then the device pool is unmapped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import structlog
+
+from fastswitch.common.errors import InvalidArgument, Unavailable
+from fastswitch.v1 import swap_pb2, swap_pb2_grpc
+from swap_daemon.copier import (
+    AttachSpec,
+    BlockRun,
+    CopyEngine,
+    Direction,
+    Granularity,
+    SwapRejected,
+)
+
+log = structlog.get_logger(__name__)
+
+_DIRECTIONS = {swap_pb2.SWAP_DIRECTION_OUT: Direction.OUT, swap_pb2.SWAP_DIRECTION_IN: Direction.IN}
+_GRANULARITIES = {
+    swap_pb2.COPY_GRANULARITY_UNSPECIFIED: Granularity.RUN,  # the default: one copy per block group
+    swap_pb2.COPY_GRANULARITY_RUN: Granularity.RUN,
+    swap_pb2.COPY_GRANULARITY_BLOCK: Granularity.BLOCK,
+    swap_pb2.COPY_GRANULARITY_BLOCK_LAYER: Granularity.BLOCK_LAYER,
+}
+
+
+def _to_domain(cmd: swap_pb2.SwapCommand) -> tuple[Direction, list[BlockRun], Granularity]:
+    direction = _DIRECTIONS.get(cmd.direction)
+    if direction is None:
+        raise SwapRejected(f"direction must be OUT or IN, got {cmd.direction}")
+    granularity = _GRANULARITIES.get(cmd.granularity)
+    if granularity is None:
+        raise SwapRejected(f"unknown granularity {cmd.granularity}")
+    runs = [BlockRun(r.device_start, r.host_start, r.num_blocks) for r in cmd.runs]
+    return direction, runs, granularity
+
+
+class SwapDaemonServicer(swap_pb2_grpc.SwapDaemonServicer):
+    def __init__(self, engine: CopyEngine | None = None, dispatch_threads: int = 8) -> None:
+        self.engine = engine  # None until the daemon is ready (health is NOT_SERVING meanwhile)
+        # Threads that run whole commands (each blocks until its copies land); the engine's own
+        # memcpy workers / CUDA streams bound how much copying happens at once.
+        self._dispatch = ThreadPoolExecutor(max_workers=dispatch_threads, thread_name_prefix="swapd-cmd")
+
+    def close(self) -> None:
+        self._dispatch.shutdown(wait=True)
+        if self.engine is not None:
+            self.engine.close()
+
+    def _ready_engine(self) -> CopyEngine:
+        if self.engine is None:
+            raise Unavailable("the swap daemon is still starting")
+        return self.engine
+
+    async def Describe(
+        self, request: swap_pb2.SwapDescribeRequest, context: grpc.aio.ServicerContext
+    ) -> swap_pb2.SwapDaemonInfo:
+        engine = self._ready_engine()
+        return swap_pb2.SwapDaemonInfo(
+            backend=engine.backend,
+            num_host_blocks=engine.num_host_blocks,
+            block_bytes=engine.block_bytes,
+            attached=engine.attached,
+        )
+
+    async def Swap(
+        self, request_iterator: AsyncIterator[swap_pb2.SwapCommand], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[swap_pb2.SwapDone]:
+        stream = _SwapStream(self, self._ready_engine())
+        async for done in stream.serve(request_iterator):
+            yield done
+
+
+class _SwapStream:
+    """State of one Swap stream: its attachment, in-flight commands and the completion queue."""
+
+    def __init__(self, servicer: SwapDaemonServicer, engine: CopyEngine) -> None:
+        self.servicer = servicer
+        self.engine = engine
+        self.attached = False
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.done: asyncio.Queue[swap_pb2.SwapDone | BaseException | None] = asyncio.Queue()
+
+    async def serve(self, requests: AsyncIterator[swap_pb2.SwapCommand]) -> AsyncIterator[swap_pb2.SwapDone]:
+        reader = asyncio.create_task(self._read(requests))
+        try:
+            while True:
+                item = await self.done.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            reader.cancel()
+            # Shielded: a cancelled RPC must still not unmap the pool under a running copy.
+            await asyncio.shield(asyncio.ensure_future(self._drain_and_detach(reader)))
+
+    async def _read(self, requests: AsyncIterator[swap_pb2.SwapCommand]) -> None:
+        try:
+            async for cmd in requests:
+                received_ns = time.perf_counter_ns()
+                if cmd.HasField("attach"):
+                    await self._attach(cmd.attach)
+                    if not cmd.runs:
+                        continue
+                task = asyncio.create_task(self._run(cmd, received_ns))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+            if self.inflight:
+                await asyncio.wait(set(self.inflight))
+            self.done.put_nowait(None)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - handed to the generator, which re-raises it
+            self.done.put_nowait(exc)
+
+    async def _attach(self, attach: swap_pb2.Attach) -> None:
+        if self.attached:
+            raise InvalidArgument("this stream is already attached; Attach goes on the first message only")
+        spec = AttachSpec(attach.pool_handle, attach.num_device_blocks, attach.block_bytes, attach.num_layers)
+        loop = asyncio.get_running_loop()
+        geometry = await loop.run_in_executor(self.servicer._dispatch, self.engine.attach, spec, self)
+        self.attached = True
+        log.info(
+            "attached",
+            backend=self.engine.backend,
+            pool=spec.pool_handle[:40],
+            device_blocks=geometry.num_device_blocks,
+            host_blocks=geometry.num_host_blocks,
+            block_bytes=geometry.block_bytes,
+            layers=geometry.num_layers,
+        )
+
+    async def _run(self, cmd: swap_pb2.SwapCommand, received_ns: int) -> None:
+        done = swap_pb2.SwapDone(swap_id=cmd.swap_id, ok=True)
+        try:
+            if not self.attached:
+                raise SwapRejected("no Attach on this stream yet: the first message must carry attach")
+            direction, runs, granularity = _to_domain(cmd)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self.servicer._dispatch, self.engine.swap, direction, runs, granularity
+            )
+            done.bytes, done.copy_calls = result.bytes, result.copy_calls
+        except SwapRejected as exc:
+            done.ok, done.error = False, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a failed copy fails this swap, not the stream
+            log.exception("swap_failed", swap_id=cmd.swap_id)
+            done.ok, done.error = False, f"copy failed: {type(exc).__name__}: {exc}"
+        done.duration_ns = time.perf_counter_ns() - received_ns
+        log.debug(
+            "swap",
+            swap_id=done.swap_id,
+            direction=getattr(_DIRECTIONS.get(cmd.direction), "value", cmd.direction),
+            ok=done.ok,
+            error=done.error or None,
+            bytes=done.bytes,
+            copy_calls=done.copy_calls,
+            duration_us=done.duration_ns // 1000,
+        )
+        self.done.put_nowait(done)
+
+    async def _drain_and_detach(self, reader: asyncio.Task[None]) -> None:
+        await asyncio.gather(reader, return_exceptions=True)
+        while self.inflight:
+            await asyncio.gather(*self.inflight, return_exceptions=True)
+        if self.attached:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.servicer._dispatch, self.engine.detach, self)
+            self.attached = False
+            log.info("detached", backend=self.engine.backend)

@@ -1,0 +1,80 @@
+"""docker-compose.yml stays true: each service's command and environment, run as a local process
+(there is no Docker engine here), serves an answer."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import yaml
+
+from fastswitch import Client
+from fastswitch.stack import wait_healthy
+from tests.conftest import free_port_base
+
+pytestmark = pytest.mark.model
+
+COMPOSE = pathlib.Path(__file__).resolve().parent.parent / "docker-compose.yml"
+
+
+def _local_env(services: dict[str, dict], ports: dict[str, int]) -> dict[str, dict[str, str]]:
+    """Each service's environment with compose hostnames and ports mapped onto loopback ports."""
+    envs: dict[str, dict[str, str]] = {}
+    for name, spec in services.items():
+        env = {k: str(v) for k, v in (spec.get("environment") or {}).items()}
+        for key, value in env.items():
+            for other, port in ports.items():
+                compose_port = _service_port(services[other])
+                if value == f"{other}:{compose_port}":
+                    env[key] = f"127.0.0.1:{port}"
+            if value == str(_service_port(spec)) and key.endswith("PORT"):
+                env[key] = str(ports[name])
+        envs[name] = env
+    return envs
+
+
+def _service_port(spec: dict) -> int:
+    env = spec.get("environment") or {}
+    return next(int(v) for k, v in env.items() if k.endswith("PORT"))
+
+
+def test_every_compose_service_command_runs_locally_and_answers(model_dir) -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    assert set(services) == {"scheduler", "executor", "swapd"}
+    base = free_port_base()
+    ports = {"scheduler": base, "executor": base + 1, "swapd": base + 2}
+    envs = _local_env(services, ports)
+    assert envs["scheduler"]["FASTSWITCH_EXECUTOR_ADDR"] == f"127.0.0.1:{ports['executor']}"
+    assert envs["scheduler"]["FASTSWITCH_SWAPD_ADDR"] == f"127.0.0.1:{ports['swapd']}"
+    log_dir = tempfile.mkdtemp(prefix="fastswitch-compose-")
+    procs = []
+    try:
+        for name in ("executor", "swapd", "scheduler"):
+            command = services[name]["command"]
+            assert command[0] == "python"
+            log = open(os.path.join(log_dir, f"{name}.log"), "wb")  # noqa: SIM115
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, *command[1:]],
+                    env={**os.environ, **envs[name]},
+                    stdout=log,
+                    stderr=log,
+                )
+            )
+        for name in ("executor", "swapd", "scheduler"):
+            wait_healthy(f"127.0.0.1:{ports[name]}", 300, procs, log_dir)
+        with Client(f"127.0.0.1:{ports['scheduler']}") as client:
+            answer = client.complete("What is the capital of France?", chat=True, max_tokens=20)
+        assert "Paris" in answer.text
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
