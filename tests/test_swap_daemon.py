@@ -307,7 +307,8 @@ def test_auto_backend_falls_back_to_cpu_without_a_gpu() -> None:
 
 
 def test_daemon_modules_do_not_import_torch() -> None:
-    code = "import sys, swap_daemon.__main__, swap_daemon.server, swap_daemon.bench\nprint('torch' in sys.modules)"
+    code = "import sys, swap_daemon.__main__, swap_daemon.server, swap_daemon.bench\n"
+    code += "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
 

@@ -23,6 +23,7 @@ Notes on the transformers API (5.x), found by reading `transformers.generation.c
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -54,13 +55,17 @@ def _setup_torch() -> None:
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings (e.g. about the negative EOS id) for the duration of a call."""
+    """Silence transformers' warnings (e.g. about the negative EOS id, or the persistent CB manager)."""
     old = hf_logging.get_verbosity()
+    cb_logger = logging.getLogger("ContinuousBatchingLogger")
+    old_cb = cb_logger.level
     hf_logging.set_verbosity_error()
+    cb_logger.setLevel(logging.ERROR)
     try:
         yield
     finally:
         hf_logging.set_verbosity(old)
+        cb_logger.setLevel(old_cb)
 
 
 def load_model(model_dir: str | os.PathLike) -> torch.nn.Module:
