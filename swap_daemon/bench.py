@@ -65,9 +65,10 @@ def grouped_runs(num_blocks: int, group: int, seed: int = 0) -> list[BlockRun]:
     return [BlockRun(i * group, int(order[i]) * group, group) for i in range(num_groups)]
 
 
-def memcpy_gbps(host: np.ndarray, shm: object, total: int, repeats: int) -> float:
-    src = np.frombuffer(shm.buf, dtype=np.uint8, count=total)  # type: ignore[attr-defined]
-    return total / best_seconds(lambda: np.copyto(host, src), repeats) / 1e9
+def memcpy_gbps(host: np.ndarray, shm: object, total: int, repeats: int, to_device: bool = False) -> float:
+    dev = np.frombuffer(shm.buf, dtype=np.uint8, count=total)  # type: ignore[attr-defined]
+    dst, src = (dev, host) if to_device else (host, dev)
+    return total / best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
 def swap_gbps(engine: CpuCopyEngine, row: Row, num_blocks: int, total: int, repeats: int) -> float:
@@ -104,6 +105,7 @@ def run(num_blocks: int, block_bytes: int, num_layers: int, workers_list: list[i
     total = num_blocks * block_bytes
     shm, handle = pools.create_shm_pool(num_blocks, block_bytes)
     rows: list[Row] = [Row("plain memcpy (one np.copyto)", "-", num_blocks, 1, total)]
+    reverse = Row("plain memcpy, host -> device (context)", "-", num_blocks, 1, total)
     rows += [Row(f"groups of {g}", "RUN", g, num_blocks // g, g * block_bytes) for g in GROUP_SIZES]
     piece = block_bytes // (2 * num_layers)
     rows.append(Row("per block, per layer, K/V", "BLOCK_LAYER", 1, num_blocks * 2 * num_layers, piece))
@@ -122,6 +124,7 @@ def run(num_blocks: int, block_bytes: int, num_layers: int, workers_list: list[i
                     # this makes the percentages conservative rather than flattered by one slow run.
                     baseline = max(baseline, memcpy_gbps(host, shm, total, repeats))
                     row.gbps[workers] = swap_gbps(engine, row, num_blocks, total, repeats)
+                reverse.gbps[workers] = memcpy_gbps(host, shm, total, repeats, to_device=True)
                 del host
                 engine.detach("bench")
             finally:
@@ -129,6 +132,7 @@ def run(num_blocks: int, block_bytes: int, num_layers: int, workers_list: list[i
     finally:
         pools.destroy_shm_pool(shm)
     rows[0].gbps = {w: baseline for w in workers_list}
+    rows.insert(1, reverse)
     for row in rows:
         row.pct_of_memcpy = {w: 100.0 * v / baseline for w, v in row.gbps.items()}
     return {
