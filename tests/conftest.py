@@ -133,7 +133,7 @@ def start_stack(**overrides: object) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def stack(model_dir: str) -> Iterator[object]:
     """The default stack (swap daemon included), started through the same code as `fastswitch up`."""
-    yield from start_stack(device_blocks=256, host_blocks=0)
+    yield from start_stack(device_blocks=256, host_blocks=256)
 
 
 @pytest.fixture(scope="session")
