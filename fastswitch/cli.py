@@ -1,11 +1,11 @@
 """The `fastswitch` command: run the stack or one service, talk to a running stack, benchmark.
 
-    fastswitch up [--port 50051] [--model PATH] ...      # start all services, print "ready", Ctrl-C stops
-    fastswitch generate "The capital of France is"      # stream a completion to stdout
-    fastswitch chat                                      # interactive multi-turn chat
-    fastswitch stats                                     # scheduler statistics as one JSON object
-    fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
-    fastswitch bench [--preset tiny|small|gpu]           # benchmark
+fastswitch up [--port 50051] [--model PATH] ...      # start all services, print "ready", Ctrl-C stops
+fastswitch generate "The capital of France is"      # stream a completion to stdout
+fastswitch chat                                      # interactive multi-turn chat
+fastswitch stats                                     # scheduler statistics as one JSON object
+fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
+fastswitch bench [--preset tiny|small|gpu]           # benchmark
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         addr = stack.start(timeout_s=args.timeout)
     except (RuntimeError, TimeoutError) as err:
-        print(f"fastswitch up failed: {err} (see logs in {args.log_dir or 'the service output'})", file=sys.stderr)
+        print(
+            f"fastswitch up failed: {err} (see logs in {args.log_dir or 'the service output'})",
+            file=sys.stderr,
+        )
         return 1
     print(f"fastswitch ready at {addr}", flush=True)
     try:
@@ -144,7 +147,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start scheduler, executor and swap daemon locally")
@@ -178,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--addr", default=DEFAULT_ADDR)
     stats.set_defaults(func=_cmd_stats)
 
-    for name, module in (("scheduler", "scheduler_svc"), ("executor", "executor_svc"), ("swapd", "swap_daemon")):
+    for name, module in (
+        ("scheduler", "scheduler_svc"),
+        ("executor", "executor_svc"),
+        ("swapd", "swap_daemon"),
+    ):
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)
 

@@ -196,7 +196,9 @@ class Client:
         self._unary(self._stub.Cancel, api_pb2.CancelRequest(request_id=request_id))
 
     def set_priority(self, request_id: str, priority: int) -> None:
-        self._unary(self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority))
+        self._unary(
+            self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority)
+        )
 
     def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
         self._unary(
@@ -209,7 +211,11 @@ class Client:
         out: dict[str, Any] = dict(resp.counters)
         if resp.tenants:
             out["tenants"] = {
-                name: {"service": t.service, "prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens}
+                name: {
+                    "service": t.service,
+                    "prompt_tokens": t.prompt_tokens,
+                    "generated_tokens": t.generated_tokens,
+                }
                 for name, t in resp.tenants.items()
             }
         return out
@@ -239,7 +245,9 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
+    async def generate(
+        self, prompt: str, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[TokenChunk]:
         call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
         try:
             async for msg in call:

@@ -43,7 +43,10 @@ class StackConfig:
 
 
 def wait_healthy(
-    addr: str, timeout_s: float, procs: list[subprocess.Popen[bytes]] | None = None, log_dir: str | None = None
+    addr: str,
+    timeout_s: float,
+    procs: list[subprocess.Popen[bytes]] | None = None,
+    log_dir: str | None = None,
 ) -> None:
     """Block until the gRPC health service at addr says SERVING; raise if a process dies first."""
     deadline = time.monotonic() + timeout_s
@@ -93,10 +96,19 @@ class Stack:
                 py, "-m", "scheduler_svc", "--port", str(c.port), "--executor", f"{c.host}:{executor_port}",
                 "--model", c.model, "--policy", c.policy, "--preemption", c.preemption,
                 "--max-running", str(c.max_running), "--max-step-tokens", str(c.max_step_tokens),
+                "--priority-updates", c.priority_updates, "--priority-update-prob", str(c.priority_update_prob),
             ],
         }  # fmt: skip
-        if c.host_blocks > 0:
-            cmds["swapd"] = [py, "-m", "swap_daemon", "--port", str(swapd_port), "--host-blocks", str(c.host_blocks)]
+        if c.host_blocks > 0 and c.preemption != "recompute":
+            cmds["swapd"] = [
+                py,
+                "-m",
+                "swap_daemon",
+                "--port",
+                str(swapd_port),
+                "--host-blocks",
+                str(c.host_blocks),
+            ]
             cmds["scheduler"] += ["--swapd", f"{c.host}:{swapd_port}"]
         return cmds
 

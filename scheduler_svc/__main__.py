@@ -9,19 +9,32 @@ import os
 from fastswitch.common.logs import configure_logging, get_logger
 from fastswitch.common.server import ServiceHost
 from fastswitch.v1 import api_pb2, api_pb2_grpc
-from scheduler_svc.config import POLICIES, PREEMPTION_MODES, SchedulerConfig
+from scheduler_svc.config import POLICIES, PREEMPTION_MODES, PRIORITY_UPDATES, SchedulerConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--port", type=int, default=int(env("FASTSWITCH_PORT", "50051")))
-    parser.add_argument("--executor", default=env("FASTSWITCH_EXECUTOR_ADDR", "localhost:50052"), help="HOST:PORT")
-    parser.add_argument("--swapd", default=env("FASTSWITCH_SWAPD_ADDR", ""), help="HOST:PORT of the swap daemon")
+    parser.add_argument(
+        "--executor", default=env("FASTSWITCH_EXECUTOR_ADDR", "localhost:50052"), help="HOST:PORT"
+    )
+    parser.add_argument(
+        "--swapd", default=env("FASTSWITCH_SWAPD_ADDR", ""), help="HOST:PORT of the swap daemon"
+    )
     parser.add_argument("--model", default=env("FASTSWITCH_MODEL", ""), help="same as the executor's --model")
     parser.add_argument("--policy", choices=POLICIES, default=env("FASTSWITCH_POLICY", "fcfs"))
-    parser.add_argument("--preemption", choices=PREEMPTION_MODES, default=env("FASTSWITCH_PREEMPTION", "swap"))
+    parser.add_argument(
+        "--preemption", choices=PREEMPTION_MODES, default=env("FASTSWITCH_PREEMPTION", "swap")
+    )
     parser.add_argument("--max-running", type=int, default=int(env("FASTSWITCH_MAX_RUNNING", "64")))
     parser.add_argument("--max-step-tokens", type=int, default=int(env("FASTSWITCH_MAX_STEP_TOKENS", "256")))
+    parser.add_argument(
+        "--priority-updates", choices=PRIORITY_UPDATES, default=env("FASTSWITCH_PRIORITY_UPDATES", "none")
+    )
+    parser.add_argument(
+        "--priority-update-prob", type=float, default=float(env("FASTSWITCH_PRIORITY_UPDATE_PROB", "0"))
+    )
+    parser.add_argument("--seed", type=int, default=int(env("FASTSWITCH_SEED", "0")))
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -34,6 +47,9 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         preemption=args.preemption,
         max_running=args.max_running,
         max_step_tokens=args.max_step_tokens,
+        priority_updates=args.priority_updates,
+        priority_update_prob=args.priority_update_prob,
+        seed=args.seed,
     )
     config.validate()
     return config
@@ -67,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging("scheduler")
     config = config_from_args(args)
-    get_logger(__name__).info("starting", port=config.port, executor=config.executor_addr, policy=config.policy)
+    get_logger(__name__).info(
+        "starting", port=config.port, executor=config.executor_addr, policy=config.policy
+    )
     asyncio.run(serve(config))
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
+PRIORITY_UPDATES = ("none", "random", "markov")
 
 
 @dataclass(slots=True)
@@ -19,12 +20,18 @@ class SchedulerConfig:
     max_running: int = 64  # batch-size cap: requests in the running set
     max_step_tokens: int = 256  # token budget per step (decodes + prefill chunks)
     executor_timeout_s: float = 120.0  # fail live requests if no executor for this long
+    priority_updates: str = "none"  # the paper's run-time priority changes: none | random | markov
+    priority_update_prob: float = 0.0  # per live request, per iteration
+    priority_levels: int = 4
+    seed: int = 0
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.preemption not in PREEMPTION_MODES:
-            raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
+            raise ValueError(
+                f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}"
+            )
         if self.max_running <= 0:
             raise ValueError(f"max running requests must be > 0, got {self.max_running}")
         if self.max_step_tokens < self.max_running:
@@ -32,5 +39,13 @@ class SchedulerConfig:
                 f"max step tokens ({self.max_step_tokens}) must be >= max running ({self.max_running}) "
                 "so that every running request can decode in one step"
             )
+        if self.priority_updates not in PRIORITY_UPDATES:
+            raise ValueError(f"priority updates must be one of {', '.join(PRIORITY_UPDATES)}")
+        if not 0.0 <= self.priority_update_prob <= 1.0:
+            raise ValueError(
+                f"priority update probability must be in [0, 1], got {self.priority_update_prob}"
+            )
+        if self.priority_levels < 1:
+            raise ValueError(f"priority levels must be >= 1, got {self.priority_levels}")
         if not self.executor_addr:
             raise ValueError("executor address is required")

@@ -28,10 +28,10 @@ from fastswitch.common.errors import (
 )
 from fastswitch.common.plan import Sampling, StepOutput
 from fastswitch.common.server import CHANNEL_OPTIONS
-from fastswitch.v1 import executor_pb2, executor_pb2_grpc
+from fastswitch.v1 import executor_pb2, executor_pb2_grpc, swap_pb2, swap_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.scheduler import Scheduler, SwapOrder
 from scheduler_svc.sequence import Finish, Sequence
 
 log = structlog.get_logger(__name__)
@@ -92,6 +92,9 @@ class Engine:
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._started = time.monotonic()
+        self._swap_call: Any = None
+        self._swap_task: asyncio.Task[None] | None = None
+        self._swap_landed = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -112,8 +115,12 @@ class Engine:
             policy=self.config.policy,
         )
         self._task = asyncio.create_task(self._run(stub), name="step-loop")
+        if self.config.swapd_addr and self.config.preemption != "recompute":
+            self._swap_task = asyncio.create_task(self._swap_client(), name="swap-client")
 
     async def stop(self) -> None:
+        if self._swap_task is not None:
+            self._swap_task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -125,7 +132,9 @@ class Engine:
         if self._channel is not None:
             await self._channel.close()
 
-    async def _describe(self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float) -> executor_pb2.ExecutorInfo:
+    async def _describe(
+        self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float
+    ) -> executor_pb2.ExecutorInfo:
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -142,6 +151,104 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return ids
+
+    # -- the swap daemon --------------------------------------------------------------------------
+
+    async def _swap_client(self) -> None:
+        """Keep one Swap stream to the daemon; apply completions as they arrive."""
+        sched, info = self.scheduler, self.info
+        assert sched is not None and info is not None
+        channel = grpc.aio.insecure_channel(self.config.swapd_addr, options=CHANNEL_OPTIONS)
+        stub = swap_pb2_grpc.SwapDaemonStub(channel)
+        try:
+            while True:
+                try:
+                    daemon = await stub.Describe(swap_pb2.SwapDescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
+                    call = stub.Swap()
+                    attach = swap_pb2.Attach(
+                        pool_handle=info.pool_handle,
+                        num_device_blocks=info.num_blocks,
+                        block_bytes=info.block_bytes,
+                        num_layers=info.num_layers,
+                    )
+                    await call.write(swap_pb2.SwapCommand(attach=attach))
+                    self._swap_call = call
+                    sched.attach_host_pool(daemon.num_host_blocks)
+                    log.info(
+                        "swap_daemon_attached",
+                        addr=self.config.swapd_addr,
+                        host_blocks=daemon.num_host_blocks,
+                    )
+                    async for done in call:
+                        self._on_swap_done(done)
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        grpc.aio.Metadata(),
+                        grpc.aio.Metadata(),
+                        "swap stream ended",
+                    )
+                except grpc.aio.AioRpcError as err:
+                    self._swap_call = None
+                    if sched.host is not None:
+                        log.warning("swap_daemon_lost", code=err.code().name, details=err.details())
+                        sched.on_swap_daemon_lost()
+                        self._swap_landed.set()
+                        self._wake.set()
+                    await asyncio.sleep(1.0)
+        finally:
+            await channel.close()
+
+    def _on_swap_done(self, done: swap_pb2.SwapDone) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        order = sched.swaps.get(done.swap_id)
+        if order is not None:
+            c = sched.stats.counters
+            c["swap_out_bytes" if order.direction == "out" else "swap_in_bytes"] += done.bytes
+            c["copy_calls"] += done.copy_calls
+            c["swap_copy_s"] += done.duration_ns / 1e9
+            if not done.ok:
+                log.warning("swap_failed", swap_id=done.swap_id, error=done.error)
+        sched.on_swap_done(done.swap_id, done.ok)
+        self._swap_landed.set()
+        self._wake.set()
+
+    async def _send_swaps(self, orders: list[SwapOrder]) -> None:
+        sched = self.scheduler
+        assert sched is not None
+        granularity = {
+            "run": swap_pb2.COPY_GRANULARITY_RUN,
+            "block_layer": swap_pb2.COPY_GRANULARITY_BLOCK_LAYER,
+        }
+        for order in orders:
+            call = self._swap_call
+            if call is None:
+                sched.on_swap_done(order.swap_id, ok=False)  # no daemon: recompute instead
+                continue
+            command = swap_pb2.SwapCommand(
+                swap_id=order.swap_id,
+                direction=swap_pb2.SWAP_DIRECTION_OUT
+                if order.direction == "out"
+                else swap_pb2.SWAP_DIRECTION_IN,
+                runs=[
+                    swap_pb2.BlockRun(device_start=d, host_start=h, num_blocks=n) for d, h, n in order.runs
+                ],
+                granularity=granularity[order.granularity],
+            )
+            try:
+                await call.write(command)
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
+                sched.on_swap_done(order.swap_id, ok=False)
+
+    async def _wait_swaps(self, swap_ids: set[int]) -> None:
+        """vllm-like: the step waits until these copies land (the stall this mode pays)."""
+        sched = self.scheduler
+        assert sched is not None
+        start = time.perf_counter()
+        while swap_ids & sched.swaps.keys():
+            self._swap_landed.clear()
+            await self._swap_landed.wait()
+        sched.stats.counters["swap_stall_s"] += time.perf_counter() - start
 
     # -- the step loop ----------------------------------------------------------------------------
 
@@ -182,9 +289,18 @@ class Engine:
         assert sched is not None
         while True:
             plan = sched.schedule()
+            orders = sched.take_swap_orders()
+            if orders:
+                await self._send_swaps(orders)
+                if self.config.preemption == "vllm-like":
+                    await self._wait_swaps({o.swap_id for o in orders})
             if plan is None:
+                stalled = bool(sched.swaps)
+                start = time.perf_counter()
                 self._wake.clear()
                 await self._wake.wait()
+                if stalled:
+                    sched.stats.counters["swap_stall_s"] += time.perf_counter() - start
                 continue
             await call.write(plan.to_proto())
             result = await call.read()
@@ -357,6 +473,10 @@ class Engine:
             counters.update({k: float(v) for k, v in sched.stats.counters.items()})
             counters["device_blocks_free"] = sched.allocator.num_free
             counters["device_blocks_total"] = sched.allocator.num_blocks
+            counters["swaps_in_flight"] = len(sched.swaps)
+            if sched.host is not None:
+                counters["host_blocks_free"] = sched.host.num_free
+                counters["host_blocks_total"] = sched.host.num_blocks
             counters["running"] = len(sched.running)
             counters["waiting"] = len(sched.waiting)
         counters["live_requests"] = len(self.live)

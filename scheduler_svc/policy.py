@@ -1,7 +1,8 @@
-"""Scheduling policies: which waiting request runs next, and which running one to preempt.
+"""Scheduling policies: the order in which requests deserve to run.
 
-A policy is two small functions over Sequences; the scheduler calls nothing else, so a new policy
-(priority, fair share) is one class here.
+The scheduler walks live requests in `order()`; a request that cannot get room may preempt running
+requests ranked below it, the lowest-ranked first. So a policy is one ranking plus two hooks that
+let fair-share policies count service; a new policy is one class here.
 """
 
 from __future__ import annotations
@@ -19,38 +20,78 @@ class Policy(Protocol):
         """Sequences in the order they should be served (first = most deserving)."""
         ...
 
-    def victim(self, running: list[Sequence]) -> Sequence:
-        """The running sequence to preempt when room is needed."""
+    def on_arrival(self, seq: Sequence, live: Iterable[Sequence]) -> None:
+        """A new request arrived (`live`: the requests already queued or running)."""
+        ...
+
+    def on_served(self, seq: Sequence, prompt_tokens: int, generated_tokens: int) -> None:
+        """The executor computed `prompt_tokens` prompt tokens and produced `generated_tokens` for seq."""
         ...
 
 
 class FCFS:
-    """First come, first served; the latest arrival is preempted first (vLLM's default)."""
+    """First come, first served; a preempted request keeps its place (its arrival time)."""
 
     name = "fcfs"
 
     def order(self, seqs: Iterable[Sequence]) -> list[Sequence]:
         return sorted(seqs, key=lambda s: s.arrival)
 
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return max(running, key=lambda s: s.arrival)
+    def on_arrival(self, seq: Sequence, live: Iterable[Sequence]) -> None:
+        pass
+
+    def on_served(self, seq: Sequence, prompt_tokens: int, generated_tokens: int) -> None:
+        pass
 
 
-class StrictPriority:
-    """Higher priority first, FCFS within a priority; the lowest-priority, latest arrival is preempted."""
+class StrictPriority(FCFS):
+    """Higher priority first, FCFS within a priority. Priorities may change at run time."""
 
     name = "priority"
 
     def order(self, seqs: Iterable[Sequence]) -> list[Sequence]:
         return sorted(seqs, key=lambda s: (-s.priority, s.arrival))
 
-    def victim(self, running: list[Sequence]) -> Sequence:
-        return min(running, key=lambda s: (s.priority, -s.arrival))
 
-
-def make_policy(name: str) -> Policy:
+def make_policy(name: str, **options: object) -> Policy:
     if name == "fcfs":
         return FCFS()
     if name == "priority":
         return StrictPriority()
-    raise ValueError(f"policy {name!r} is not available yet (choose fcfs or priority)")
+    if name == "vtc":
+        from scheduler_svc.vtc import VirtualTokenCounter
+
+        return VirtualTokenCounter(**options)  # type: ignore[arg-type]
+    raise ValueError(f"unknown policy {name!r}: choose fcfs, priority or vtc")
+
+
+class PriorityUpdates:
+    """Run-time priority changes as in the FastSwitch paper's evaluation.
+
+    Every iteration, each live request's priority changes with probability `prob`: "random" draws a
+    new level uniformly, "markov" moves one level up or down (staying within [0, levels)).
+    """
+
+    def __init__(self, pattern: str, prob: float, levels: int, seed: int = 0) -> None:
+        import random
+
+        self.pattern = pattern
+        self.prob = prob
+        self.levels = levels
+        self.rng = random.Random(seed)
+
+    def apply(self, seqs: Iterable[Sequence]) -> int:
+        """Update priorities in place; returns how many changed."""
+        if self.pattern == "none" or self.prob <= 0.0:
+            return 0
+        changed = 0
+        for seq in seqs:
+            if self.rng.random() >= self.prob:
+                continue
+            if self.pattern == "random":
+                new = self.rng.randrange(self.levels)
+            else:
+                new = min(self.levels - 1, max(0, seq.priority + self.rng.choice((-1, 1))))
+            changed += new != seq.priority
+            seq.priority = new
+        return changed

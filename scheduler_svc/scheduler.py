@@ -1,10 +1,14 @@
 """The scheduler: decides, every step, which tokens run and which KV blocks they use.
 
-Read `schedule()` top to bottom: running requests first (in policy order), each gets the tokens it
-needs this step and the blocks to hold them, preempting the policy's victim when blocks run out;
-then waiting requests are admitted while the step's token budget, the batch cap and free blocks
-allow. `on_step_output()` applies the executor's sampled tokens. Every block a request owns is
-allocated here and freed here (`_release`), and nowhere else.
+Read `schedule()` top to bottom: every live request in policy order gets the tokens it needs this
+step and the blocks to hold them, preempting lower-ranked requests when room runs out.
+`on_step_output()` applies the executor's sampled tokens; `on_swap_done()` a swap daemon's
+completion. Every block, on the device and on the host, is allocated and freed here and nowhere else.
+
+Preemption either recomputes (drop the KV, keep the tokens) or swaps: the KV's blocks are copied to
+the host pool as block groups (`SwapOrder`s the engine sends to the swap daemon) while the executor
+keeps computing. Blocks under an in-flight copy are never reused until the copy lands, even if
+their request is cancelled meanwhile; a swapped request is scheduled only once its KV is back.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import structlog
 from fastswitch.common.plan import NewRequest, ScheduledChunk, StepOutput, StepPlan
 from scheduler_svc.block_manager import BlockAllocator
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.policy import Policy, make_policy
+from scheduler_svc.policy import Policy, PriorityUpdates, make_policy
 from scheduler_svc.sequence import Finish, Sequence, Status
 
 log = structlog.get_logger(__name__)
@@ -30,6 +34,30 @@ class TokenEvent:
 
     seq: Sequence
     token_id: int
+
+
+@dataclass(slots=True)
+class SwapOrder:
+    """A copy the swap daemon must make: runs of (device_start, host_start, num_blocks)."""
+
+    swap_id: int
+    direction: str  # "out" | "in"
+    seq: Sequence
+    device_blocks: list[int]
+    host_blocks: list[int]
+    runs: list[tuple[int, int, int]]
+    granularity: str  # "run" (block groups) | "block_layer" (vllm-like)
+
+
+def pair_runs(device: list[int], host: list[int]) -> list[tuple[int, int, int]]:
+    """Coalesce block pairs into runs contiguous on both sides: one copy per run."""
+    runs: list[tuple[int, int, int]] = []
+    for d, h in zip(device, host, strict=True):
+        if runs and runs[-1][0] + runs[-1][2] == d and runs[-1][1] + runs[-1][2] == h:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((d, h, 1))
+    return runs
 
 
 @dataclass(slots=True)
@@ -58,10 +86,125 @@ class Scheduler:
         self._step_ids = itertools.count()
         self.in_flight: StepPlan | None = None
         self.stats = Stats()
+        self.host: BlockAllocator | None = None  # the swap daemon's host pool, while attached
+        self.swaps: dict[int, SwapOrder] = {}  # in flight
+        self._swap_orders: list[SwapOrder] = []  # decided, not yet sent
+        self._swap_ids = itertools.count(1)
+        self.priority_updates = PriorityUpdates(
+            config.priority_updates, config.priority_update_prob, config.priority_levels, config.seed
+        )
+
+    # -- the swap daemon --------------------------------------------------------------------------
+
+    @property
+    def swapping_enabled(self) -> bool:
+        return self.config.preemption != "recompute" and self.host is not None
+
+    def attach_host_pool(self, num_host_blocks: int) -> None:
+        self.host = BlockAllocator(num_host_blocks)
+
+    def take_swap_orders(self) -> list[SwapOrder]:
+        orders, self._swap_orders = self._swap_orders, []
+        for order in orders:
+            self.swaps[order.swap_id] = order
+        return orders
+
+    def on_swap_done(self, swap_id: int, ok: bool) -> None:
+        order = self.swaps.pop(swap_id, None)
+        if order is None:
+            return
+        seq = order.seq
+        self.stats.counters["swap_out_done" if order.direction == "out" else "swap_in_done"] += 1
+        if order.direction == "out":
+            self.allocator.free(order.device_blocks)  # the copy has landed: reusable now
+            if seq.finished or not ok:
+                self._free_host(order.host_blocks)
+                if not seq.finished:
+                    self._requeue_for_recompute(seq)
+                return
+            seq.host_table = order.host_blocks
+            seq.status = Status.SWAPPED
+        else:
+            self._free_host(order.host_blocks)
+            seq.host_table = []
+            if seq.finished or not ok:
+                self.allocator.free(order.device_blocks)
+                if not seq.finished:
+                    seq.block_table = []
+                    self._requeue_for_recompute(seq)
+                return
+            seq.status = Status.WAITING  # KV is back on the device: schedulable
+
+    def on_swap_daemon_lost(self) -> None:
+        """Copies in flight and KV on the host are gone: those requests recompute from tokens."""
+        for swap_id in list(self.swaps):
+            self.on_swap_done(swap_id, ok=False)
+        for order in self._swap_orders:  # decided but never sent
+            self.swaps[order.swap_id] = order
+            self.on_swap_done(order.swap_id, ok=False)
+        self._swap_orders = []
+        for seq in list(self.waiting):
+            if seq.status is Status.SWAPPED:
+                seq.host_table = []
+                self._requeue_for_recompute(seq)
+        self.host = None
+        self.stats.counters["swap_daemon_lost"] += 1
+
+    def _free_host(self, blocks: list[int]) -> None:
+        if self.host is not None and blocks:
+            self.host.free(blocks)
+
+    def _requeue_for_recompute(self, seq: Sequence) -> None:
+        self.stats.counters["swap_fallback_recompute"] += 1
+        self.stats.counters["recomputed_tokens"] += seq.num_computed
+        seq.num_computed = 0
+        seq.status = Status.WAITING
+        if seq not in self.waiting:
+            self.waiting.append(seq)
+
+    def _swap_out(self, seq: Sequence) -> bool:
+        """Start copying seq's KV to the host; False if it cannot (no daemon, host pool full)."""
+        if not self.swapping_enabled or seq.num_computed == 0:
+            return False
+        assert self.host is not None
+        kv_blocks = -(-seq.num_computed // self.block_size)
+        host_blocks = self.host.allocate(kv_blocks)
+        if host_blocks is None:
+            self.stats.counters["swap_fallback_recompute"] += 1
+            return False
+        device_blocks = seq.block_table[:kv_blocks]
+        extra = seq.block_table[kv_blocks:]
+        if extra:
+            self.allocator.free(extra)
+        seq.block_table = []
+        seq.unsent_blocks = 0
+        seq.status = Status.SWAPPING_OUT
+        self._order("out", seq, device_blocks, host_blocks)
+        return True
+
+    def _swap_in(self, seq: Sequence) -> bool:
+        """Allocate device blocks for seq's host KV and start copying it back."""
+        device_blocks = self.allocator.allocate(len(seq.host_table))
+        if device_blocks is None:
+            return False
+        seq.block_table = device_blocks
+        seq.unsent_blocks = len(device_blocks)
+        seq.status = Status.SWAPPING_IN
+        self._order("in", seq, device_blocks, seq.host_table)
+        return True
+
+    def _order(self, direction: str, seq: Sequence, device: list[int], host: list[int]) -> None:
+        granularity = "block_layer" if self.config.preemption == "vllm-like" else "run"
+        order = SwapOrder(
+            next(self._swap_ids), direction, seq, device, host, pair_runs(device, host), granularity
+        )
+        self._swap_orders.append(order)
+        self.stats.counters[f"swap_{direction}_orders"] += 1
 
     # -- requests in and out ----------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        self.policy.on_arrival(seq, self.requests.values())
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
 
@@ -74,47 +217,76 @@ class Scheduler:
         return seq
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self._releases)
+        return bool(self.waiting or self.running or self._releases or self._swap_orders)
 
     # -- one step ---------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan | None:
-        """The next step's plan, or None when there is nothing to do."""
+        """The next step's plan, or None when there is nothing to do.
+
+        Walk every live request in policy order. Each gets the tokens it needs this step (a decode,
+        or a prefill chunk within the step's token budget) and the blocks to hold them. When blocks
+        or the batch cap stand in the way, requests ranked below it are preempted, lowest first;
+        when none is left to preempt, the walk stops, so nobody overtakes a higher-ranked request.
+        """
+        self.stats.counters["priority_changes"] += self.priority_updates.apply(self.requests.values())
         budget = self.config.max_step_tokens
         chunks: list[ScheduledChunk] = []
         new_requests: list[NewRequest] = []
-        scheduled: list[Sequence] = []
-
-        running = self.policy.order(self.running)
-        while running and budget > 0:
-            seq = running.pop(0)
-            n = min(seq.num_pending, budget)
-            while not self._reserve(seq, n):
-                candidates = [s for s in running if s is not seq]
-                if not candidates:
-                    self._preempt(seq)
-                    break
-                victim = self.policy.victim(candidates)
-                running.remove(victim)
-                self._preempt(victim)
-            else:
-                scheduled.append(seq)
-                budget -= n
-                chunks.append(self._chunk(seq, n, new_requests))
-
-        for seq in self.policy.order(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_running:
+        ranked = self.policy.order([*self.running, *self.waiting])
+        # Set once a request waits for swapped-out blocks to land: nobody ranked below may take blocks.
+        blocked = False
+        for i, seq in enumerate(ranked):
+            if budget <= 0:
                 break
+            if seq.status not in (Status.RUNNING, Status.WAITING, Status.SWAPPED):
+                continue  # a copy is in flight for it, or it was preempted earlier in this walk
+            # Preemptible: lower-ranked requests holding device blocks (running, or swapped back in).
+            below = [
+                s
+                for s in reversed(ranked[i + 1 :])
+                if s.block_table and s.status in (Status.RUNNING, Status.WAITING)
+            ]
+            if seq.status is not Status.RUNNING:
+                running_below = [s for s in below if s.status is Status.RUNNING]
+                while len(self.running) >= self.config.max_running and running_below:
+                    victim = running_below.pop(0)
+                    below.remove(victim)
+                    self._preempt(victim)
+                if len(self.running) >= self.config.max_running:
+                    break
+            if seq.status is Status.SWAPPED:
+                # Bring its KV back first; it runs once the copy lands.
+                room = "wait" if blocked else self._make_room(len(seq.host_table), below)
+                if room == "ok":
+                    self._swap_in(seq)
+                elif room == "wait":
+                    blocked = True
+                else:
+                    break
+                continue
             n = min(seq.num_pending, budget)
-            if not self._reserve(seq, n):
-                break  # strict order: a later, smaller request does not overtake
-            self.waiting.remove(seq)
-            seq.status = Status.RUNNING
-            self.running.append(seq)
+            needed = self._blocks_short(seq, n)
+            if needed > 0:
+                room = "wait" if blocked else self._make_room(needed, below)
+                if room == "wait":
+                    blocked = True
+                    continue
+                if room == "no":
+                    if seq.status is Status.RUNNING:
+                        self._preempt(seq)
+                    break
+                self._reserve(seq, n)
+            if seq.status is Status.WAITING:
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self.running.append(seq)
             budget -= n
             chunks.append(self._chunk(seq, n, new_requests))
 
         if not chunks and not self._releases:
+            if self._swap_orders:
+                self.stats.counters["steps_without_compute"] += 1
             return None
         plan = StepPlan(next(self._step_ids), new_requests, chunks, self._releases)
         self._releases = []
@@ -135,6 +307,11 @@ class Scheduler:
             if seq is None or seq.finished or seq.status is not Status.RUNNING:
                 continue  # cancelled or preempted while the step ran
             seq.num_computed = chunk.start_position + len(chunk.token_ids)
+            prompt_done = max(
+                0, min(seq.num_computed, seq.num_prompt) - max(chunk.start_position, seq.prompt_served)
+            )
+            seq.prompt_served += prompt_done
+            self.policy.on_served(seq, prompt_done, 1 if chunk.sample else 0)
             if not chunk.sample:
                 continue
             token = sampled[chunk.request_id]
@@ -162,9 +339,30 @@ class Scheduler:
 
     # -- blocks -----------------------------------------------------------------------------------
 
+    def _blocks_short(self, seq: Sequence, n: int) -> int:
+        return -(-(seq.num_computed + n) // self.block_size) - len(seq.block_table)
+
+    def _make_room(self, needed: int, below: list[Sequence]) -> str:
+        """Free `needed` device blocks by preempting `below` (lowest first): "ok", "wait" or "no".
+
+        "wait": blocks already being swapped out will cover it when their copies land, so preempting
+        more would only throw work away.
+        """
+        while self.allocator.num_free < needed:
+            if self.allocator.num_free + self._landing_blocks() >= needed:
+                return "wait"
+            if not below:
+                return "no"
+            self._preempt(below.pop(0))
+        return "ok"
+
+    def _landing_blocks(self) -> int:
+        orders = [*self.swaps.values(), *self._swap_orders]
+        return sum(len(o.device_blocks) for o in orders if o.direction == "out")
+
     def _reserve(self, seq: Sequence, n: int) -> bool:
         """Make sure seq owns blocks for its first num_computed + n tokens."""
-        needed = -(-(seq.num_computed + n) // self.block_size) - len(seq.block_table)
+        needed = self._blocks_short(seq, n)
         if needed <= 0:
             return True
         blocks = self.allocator.allocate(needed, after=seq.block_table[-1] if seq.block_table else None)
@@ -193,6 +391,15 @@ class Scheduler:
         )
 
     def _release(self, seq: Sequence) -> None:
+        if seq.status in (Status.SWAPPING_OUT, Status.SWAPPING_IN):
+            # on_swap_done frees both sides once the copy lands (blocks are not reused before).
+            seq.block_table = []
+            seq.host_table = []
+            seq.unsent_blocks = 0
+            return
+        if seq.host_table:
+            self._free_host(seq.host_table)
+            seq.host_table = []
         if seq.block_table:
             self.allocator.free(seq.block_table)
         seq.block_table = []
@@ -202,18 +409,26 @@ class Scheduler:
             seq.executor_known = False
 
     def _preempt(self, seq: Sequence, count: bool = True) -> None:
-        """Recompute preemption: drop the KV, requeue; the tokens are kept and recomputed later."""
+        """Swap the KV out if possible, else drop it (recompute); either way requeue the request."""
         if count:
             seq.preemptions += 1
             self.stats.counters["preemptions"] += 1
-            self.stats.counters["recomputed_tokens"] += seq.num_computed
-        log.debug("preempted", request_id=seq.request_id, computed=seq.num_computed)
-        self._release(seq)
-        seq.num_computed = 0
-        seq.status = Status.WAITING
         if seq in self.running:
             self.running.remove(seq)
-        self.waiting.append(seq)
+        if seq.executor_known:
+            self._releases.append(seq.request_id)
+            seq.executor_known = False
+        if count and self._swap_out(seq):
+            log.debug("preempted_swap", request_id=seq.request_id, computed=seq.num_computed)
+        else:
+            if count:
+                self.stats.counters["recomputed_tokens"] += seq.num_computed
+            log.debug("preempted_recompute", request_id=seq.request_id, computed=seq.num_computed)
+            self._release(seq)
+            seq.num_computed = 0
+            seq.status = Status.WAITING
+        if seq not in self.waiting:
+            self.waiting.append(seq)
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
         self._release(seq)

@@ -10,8 +10,11 @@ from fastswitch.common.plan import Sampling
 
 
 class Status(enum.Enum):
-    WAITING = "waiting"
+    WAITING = "waiting"  # queued; KV (if any) must be recomputed
     RUNNING = "running"
+    SWAPPING_OUT = "swapping_out"  # KV being copied to the host; device blocks not reusable yet
+    SWAPPED = "swapped"  # KV on the host; queued
+    SWAPPING_IN = "swapping_in"  # KV being copied back; not schedulable until it lands
     FINISHED = "finished"
 
 
@@ -47,9 +50,13 @@ class Sequence:
     status: Status = Status.WAITING
     finish: Finish | None = None
     block_table: list[int] = field(default_factory=list)
+    host_table: list[int] = field(
+        default_factory=list
+    )  # host blocks holding KV of the first num_computed tokens
     unsent_blocks: int = 0  # trailing blocks of block_table the executor has not been told about
     executor_known: bool = False
     preemptions: int = 0
+    prompt_served: int = 0  # prompt tokens counted as service once (recomputation is not service)
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -61,7 +61,9 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
                 first = False
             yield response
 
-    async def Cancel(self, request: api_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> api_pb2.CancelResponse:
+    async def Cancel(
+        self, request: api_pb2.CancelRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.CancelResponse:
         self.engine.cancel(request.request_id)
         return api_pb2.CancelResponse()
 
@@ -77,5 +79,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
         self.engine.end_conversation(request.tenant, request.conversation_id)
         return api_pb2.EndConversationResponse()
 
-    async def GetStats(self, request: api_pb2.GetStatsRequest, context: grpc.aio.ServicerContext) -> api_pb2.GetStatsResponse:
+    async def GetStats(
+        self, request: api_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GetStatsResponse:
         return api_pb2.GetStatsResponse(counters=self.engine.stats())

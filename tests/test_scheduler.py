@@ -57,9 +57,19 @@ def run_to_completion(sched: Scheduler, executor: FakeExecutor, max_steps: int =
 
 
 def assert_ownership(sched: Scheduler) -> None:
-    owned = [b for s in sched.requests.values() for b in s.block_table]
-    assert len(owned) == len(set(owned)), "a block is owned twice"
+    """Every device and host block is free, owned by exactly one request, or under one copy."""
+    in_copy = [o for o in [*sched.swaps.values(), *sched._swap_orders]]
+    owned = [
+        b for s in sched.requests.values() for b in s.block_table if s.status.value not in ("swapping_in",)
+    ]
+    owned += [b for o in in_copy for b in o.device_blocks]
+    assert len(owned) == len(set(owned)), "a device block is owned twice"
     assert sched.allocator.num_free + len(owned) == sched.allocator.num_blocks
+    if sched.host is not None:
+        host = [b for s in sched.requests.values() if s.status.value == "swapped" for b in s.host_table]
+        host += [b for o in in_copy for b in o.host_blocks]
+        assert len(host) == len(set(host)), "a host block is owned twice"
+        assert sched.host.num_free + len(host) == sched.host.num_blocks
 
 
 def test_long_prompt_is_prefilled_in_chunks_within_the_step_budget() -> None:
@@ -176,7 +186,9 @@ def test_priority_policy_preempts_the_lowest_priority_first() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.integers(1, 20), st.integers(1, 12), st.booleans(), st.integers(0, 3)), min_size=1, max_size=12
+        st.tuples(st.integers(1, 20), st.integers(1, 12), st.booleans(), st.integers(0, 3)),
+        min_size=1,
+        max_size=12,
     ),
     st.integers(6, 40),
 )
@@ -203,7 +215,192 @@ def test_random_load_with_aborts_never_double_owns_and_frees_everything(
         assert step < 5000
     assert sched.allocator.num_free == num_blocks
     assert not sched.running and not sched.waiting
-    for s, abort, _ in seqs:
+    for s, _abort, _ in seqs:
         assert s.finished
         if s.finish is Finish.LENGTH:
             assert len(s.output_ids) == s.max_tokens
+
+
+class FakeSwapDaemon:
+    """Lands each copy `delay` steps after it was ordered (or fails it), like an async daemon."""
+
+    def __init__(self, sched: Scheduler, delay: int = 1, fail: bool = False) -> None:
+        self.sched, self.delay, self.fail = sched, delay, fail
+        self.pending: list[tuple[int, int]] = []  # (due step, swap id)
+        self.step = 0
+        self.copies = {"out": 0, "in": 0}
+
+    def tick(self) -> None:
+        for order in self.sched.take_swap_orders():
+            self.pending.append((self.step + self.delay, order.swap_id))
+            self.copies[order.direction] += 1
+        self.step += 1
+        due = [sid for when, sid in self.pending if when <= self.step]
+        self.pending = [(w, sid) for w, sid in self.pending if sid not in due]
+        for sid in due:
+            self.sched.on_swap_done(sid, ok=not self.fail)
+
+
+def run_with_swaps(
+    sched: Scheduler, ex: FakeExecutor, daemon: FakeSwapDaemon, aborts: dict[int, str] | None = None
+) -> None:
+    for step in range(5000):
+        plan = sched.schedule()
+        daemon.tick()
+        if plan is not None:
+            sched.on_step_output(ex.run(plan))
+        assert_ownership(sched)
+        if aborts and step in aborts:
+            sched.abort(aborts[step])
+            assert_ownership(sched)
+        if plan is None and not sched.swaps and not daemon.pending and not sched.has_work():
+            return
+    raise AssertionError("no progress")
+
+
+def make_swapping(
+    num_blocks: int, host_blocks: int, preemption: str = "swap", policy: str = "fcfs"
+) -> Scheduler:
+    config = SchedulerConfig(max_step_tokens=16, max_running=4, policy=policy, preemption=preemption)
+    sched = Scheduler(config, num_blocks=num_blocks, block_size=BLOCK, eos_token_ids={EOS})
+    sched.attach_host_pool(host_blocks)
+    return sched
+
+
+def test_swap_preemption_moves_kv_out_and_back_and_tokens_match_an_unpreempted_run() -> None:
+    alone, ex1 = make(num_blocks=64), FakeExecutor()
+    ref = seq("x", prompt_len=3, max_tokens=10)
+    alone.add(ref)
+    run_to_completion(alone, ex1)
+    sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=2)
+    seqs = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    run_with_swaps(sched, ex, daemon)
+    assert daemon.copies["out"] > 0 and daemon.copies["in"] == daemon.copies["out"]
+    assert sched.stats.counters["recomputed_tokens"] == 0
+    assert all(s.output_ids == ref.output_ids for s in seqs)
+    assert sched.allocator.num_free == 7 and sched.host is not None and sched.host.num_free == 32
+
+
+def test_swapped_blocks_are_not_reused_until_the_copy_lands() -> None:
+    sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=3)
+    for i in range(4):
+        sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
+    for _ in range(40):
+        plan = sched.schedule()
+        in_copy = {b for o in [*sched.swaps.values(), *sched._swap_orders] for b in o.device_blocks}
+        if plan is not None:
+            for c in plan.chunks:
+                assert not in_copy & set(c.new_block_ids), "a block under a copy was handed out"
+            sched.on_step_output(ex.run(plan))
+        daemon.tick()
+
+
+def test_cancel_during_swap_out_and_swap_in_frees_both_pools_once_the_copy_lands() -> None:
+    for when in range(2, 14):
+        sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
+        daemon = FakeSwapDaemon(sched, delay=3)
+        for i in range(4):
+            sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
+        run_with_swaps(sched, ex, daemon, aborts={when: "r3", when + 1: "r2"})
+        assert sched.allocator.num_free == 7
+        assert sched.host is not None and sched.host.num_free == 32
+
+
+def test_full_host_pool_falls_back_to_recompute_and_says_so() -> None:
+    sched, ex = make_swapping(num_blocks=7, host_blocks=1), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=1)
+    seqs = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    run_with_swaps(sched, ex, daemon)
+    assert sched.stats.counters["swap_fallback_recompute"] > 0
+    assert all(len(s.output_ids) == 10 for s in seqs)
+
+
+def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> None:
+    sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=2, fail=True)
+    seqs = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    run_with_swaps(sched, ex, daemon)
+    assert sched.stats.counters["swap_fallback_recompute"] > 0
+    assert all(len(s.output_ids) == 10 for s in seqs)
+    sched2, ex2 = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
+    daemon2 = FakeSwapDaemon(sched2, delay=50)
+    seqs2 = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
+    for s in seqs2:
+        sched2.add(s)
+    for _ in range(12):
+        plan = sched2.schedule()
+        daemon2.tick()
+        if plan is not None:
+            sched2.on_step_output(ex2.run(plan))
+    assert sched2.swaps, "copies should be in flight when the daemon dies"
+    sched2.on_swap_daemon_lost()
+    daemon2.pending.clear()
+    assert sched2.host is None
+    run_to_completion(sched2, ex2)
+    assert all(len(s.output_ids) == 10 for s in seqs2)
+    assert sched2.allocator.num_free == 7
+
+
+def test_vllm_like_mode_orders_per_layer_copies() -> None:
+    sched, ex = make_swapping(num_blocks=7, host_blocks=32, preemption="vllm-like"), FakeExecutor()
+    for i in range(4):
+        sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
+    grans = set()
+    for _ in range(30):
+        plan = sched.schedule()
+        grans |= {o.granularity for o in sched._swap_orders}
+        for o in sched.take_swap_orders():
+            sched.on_swap_done(o.swap_id, ok=True)
+        if plan is not None:
+            sched.on_step_output(ex.run(plan))
+    assert grans == {"block_layer"}
+
+
+def test_swap_orders_name_block_groups_not_blocks() -> None:
+    from scheduler_svc.scheduler import pair_runs
+
+    assert pair_runs([4, 5, 6, 9], [0, 1, 2, 3]) == [(4, 0, 3), (9, 3, 1)]
+    assert pair_runs([4, 5], [7, 3]) == [(4, 7, 1), (5, 3, 1)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 12), st.integers(1, 12), st.integers(0, 3)), min_size=2, max_size=10),
+    st.integers(6, 20),
+    st.integers(1, 40),
+    st.integers(0, 4),
+    st.integers(0, 30),
+    st.sampled_from(["fcfs", "priority"]),
+)
+def test_random_priorities_swaps_and_cancels_leave_both_pools_exactly_full(
+    requests: list[tuple[int, int, int]],
+    num_blocks: int,
+    host_blocks: int,
+    delay: int,
+    abort_at: int,
+    policy: str,
+) -> None:
+    sched, ex = make_swapping(num_blocks=num_blocks, host_blocks=host_blocks, policy=policy), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=delay)
+    ids = []
+    for i, (prompt_len, max_tokens, prio) in enumerate(requests):
+        if (prompt_len + max_tokens + BLOCK - 1) // BLOCK > num_blocks:
+            continue
+        s = seq(f"r{i}", prompt_len, max_tokens, priority=prio)
+        sched.add(s)
+        ids.append(s.request_id)
+    sched.priority_updates = __import__("scheduler_svc.policy", fromlist=["x"]).PriorityUpdates(
+        "random", 0.3, 4, abort_at
+    )
+    aborts = {abort_at: ids[0]} if ids else {}
+    run_with_swaps(sched, ex, daemon, aborts=aborts)
+    assert sched.allocator.num_free == num_blocks
+    assert sched.host is not None and sched.host.num_free == host_blocks

@@ -72,7 +72,9 @@ def build_prompts(tokenizer: Any, n: int) -> list[str]:
     """n chat prompts (the chat template applied), cycling through the built-in texts."""
     texts = [PROMPT_TEXTS[i % len(PROMPT_TEXTS)] for i in range(n)]
     return [
-        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
+        )
         for t in texts
     ]
 
@@ -127,7 +129,9 @@ async def _replay(addr: str, prompts: list[str], max_tokens: int) -> dict[str, A
     }
 
 
-def _run_stack_mode(mode: str, preset: Preset, prompts: list[str], addr: str | None, out: pathlib.Path) -> dict:
+def _run_stack_mode(
+    mode: str, preset: Preset, prompts: list[str], addr: str | None, out: pathlib.Path
+) -> dict:
     if addr:
         return asyncio.run(_replay(addr, prompts, preset.max_tokens))
     from fastswitch.stack import Stack, StackConfig
@@ -205,7 +209,11 @@ def plot(results: dict[str, Any], path: pathlib.Path) -> None:
     modes = results["modes"]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     names = list(modes)
-    ax.bar(names, [modes[n]["throughput_tok_s"] for n in names], color=["#2b7bba", "#999999", "#e07b39"][: len(names)])
+    ax.bar(
+        names,
+        [modes[n]["throughput_tok_s"] for n in names],
+        color=["#2b7bba", "#999999", "#e07b39"][: len(names)],
+    )
     ax.set_ylabel("tokens / s")
     w = results["workload"]
     ax.set_title(f"Throughput: {w['prompts']} prompts x {w['max_tokens']} tokens")
@@ -224,7 +232,9 @@ def run(preset_name: str, modes: list[str], out: pathlib.Path, addr: str | None 
         raise ValueError(f"unknown modes {unknown}; choose from {', '.join(ALL_MODES)}")
     pending = [m for m in modes if m not in STACK_MODES and m not in PEER_MODES]
     if pending:
-        raise ValueError(f"modes {pending} are not available in this version; available: fastswitch, recompute, transformers-cb")
+        raise ValueError(
+            f"modes {pending} are not available in this version; available: fastswitch, recompute, transformers-cb"
+        )
     preset = PRESETS[preset_name]
     model_dir = str(resolve_model(None))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
