@@ -35,9 +35,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     config.validate()
     servicer = ExecutorServicer()
-    host = ServiceHost(
-        f"[::]:{config.port}", [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name]
-    )
+    host = ServiceHost(f"[::]:{config.port}", [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name])
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, host.server)
 
     async def load() -> None:

@@ -193,9 +193,7 @@ class ModelRunner:
             attn.decode_rows = torch.tensor(decode_rows, device=dev)
             attn.decode_tables = torch.tensor(padded, device=dev)
             lens = torch.tensor(decode_lens, device=dev)
-            attn.decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[
-                :, None, None, :
-            ]
+            attn.decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
         return (
             torch.tensor([ids], device=dev),
             torch.tensor([pos], device=dev),

@@ -86,9 +86,7 @@ def paged_attention(
         qd = q[:, step.decode_rows].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
         kd = k_cache[step.decode_tables].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2)
         vd = v_cache[step.decode_tables].reshape(batch, -1, kv_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True
-        )
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=step.decode_mask, scale=scaling, enable_gqa=True)
         out[step.decode_rows] = o[:, :, 0]
     return out.unsqueeze(0), None
 

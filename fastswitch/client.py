@@ -158,6 +158,15 @@ def build_request(
     )
 
 
+def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:
+    out: dict[str, Any] = dict(resp.counters)
+    out["tenants"] = {
+        name: {"service": t.service, "prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens}
+        for name, t in resp.tenants.items()
+    }
+    return out
+
+
 class Client:
     """Blocking client; `generate()` yields TokenChunks as they arrive."""
 
@@ -196,9 +205,7 @@ class Client:
         self._unary(self._stub.Cancel, api_pb2.CancelRequest(request_id=request_id))
 
     def set_priority(self, request_id: str, priority: int) -> None:
-        self._unary(
-            self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority)
-        )
+        self._unary(self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority))
 
     def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
         self._unary(
@@ -245,9 +252,7 @@ class AsyncClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    async def generate(
-        self, prompt: str, timeout: float | None = None, **kwargs: Any
-    ) -> AsyncIterator[TokenChunk]:
+    async def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
         call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
         try:
             async for msg in call:
@@ -267,9 +272,7 @@ class AsyncClient:
         await self._unary(self._stub.Cancel, api_pb2.CancelRequest(request_id=request_id))
 
     async def set_priority(self, request_id: str, priority: int) -> None:
-        await self._unary(
-            self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority)
-        )
+        await self._unary(self._stub.SetPriority, api_pb2.SetPriorityRequest(request_id=request_id, priority=priority))
 
     async def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
         await self._unary(
@@ -278,8 +281,7 @@ class AsyncClient:
         )
 
     async def stats(self) -> dict[str, Any]:
-        resp = await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest())
-        return dict(resp.counters)
+        return _stats_dict(await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:

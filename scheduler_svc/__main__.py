@@ -15,17 +15,11 @@ from scheduler_svc.config import POLICIES, PREEMPTION_MODES, PRIORITY_UPDATES, S
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     parser.add_argument("--port", type=int, default=int(env("FASTSWITCH_PORT", "50051")))
-    parser.add_argument(
-        "--executor", default=env("FASTSWITCH_EXECUTOR_ADDR", "localhost:50052"), help="HOST:PORT"
-    )
-    parser.add_argument(
-        "--swapd", default=env("FASTSWITCH_SWAPD_ADDR", ""), help="HOST:PORT of the swap daemon"
-    )
+    parser.add_argument("--executor", default=env("FASTSWITCH_EXECUTOR_ADDR", "localhost:50052"), help="HOST:PORT")
+    parser.add_argument("--swapd", default=env("FASTSWITCH_SWAPD_ADDR", ""), help="HOST:PORT of the swap daemon")
     parser.add_argument("--model", default=env("FASTSWITCH_MODEL", ""), help="same as the executor's --model")
     parser.add_argument("--policy", choices=POLICIES, default=env("FASTSWITCH_POLICY", "fcfs"))
-    parser.add_argument(
-        "--preemption", choices=PREEMPTION_MODES, default=env("FASTSWITCH_PREEMPTION", "swap")
-    )
+    parser.add_argument("--preemption", choices=PREEMPTION_MODES, default=env("FASTSWITCH_PREEMPTION", "swap"))
     parser.add_argument("--max-running", type=int, default=int(env("FASTSWITCH_MAX_RUNNING", "64")))
     parser.add_argument("--max-step-tokens", type=int, default=int(env("FASTSWITCH_MAX_STEP_TOKENS", "256")))
     parser.add_argument(
@@ -35,6 +29,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--priority-update-prob", type=float, default=float(env("FASTSWITCH_PRIORITY_UPDATE_PROB", "0"))
     )
     parser.add_argument("--seed", type=int, default=int(env("FASTSWITCH_SEED", "0")))
+    parser.add_argument("--vtc-prompt-price", type=float, default=float(env("FASTSWITCH_VTC_PROMPT_PRICE", "1")))
+    parser.add_argument("--vtc-gen-price", type=float, default=float(env("FASTSWITCH_VTC_GEN_PRICE", "2")))
+    parser.add_argument(
+        "--tenant-weight",
+        action="append",
+        default=[w for w in env("FASTSWITCH_TENANT_WEIGHTS", "").split(",") if w],
+        metavar="TENANT=WEIGHT",
+        help="VTC weight of a tenant (repeatable; default 1)",
+    )
+
+
+def _parse_weights(items: list[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"tenant weight {item!r} must look like TENANT=WEIGHT")
+        weights[name] = float(value)
+    return weights
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -50,6 +63,9 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         priority_updates=args.priority_updates,
         priority_update_prob=args.priority_update_prob,
         seed=args.seed,
+        vtc_prompt_price=args.vtc_prompt_price,
+        vtc_gen_price=args.vtc_gen_price,
+        tenant_weights=_parse_weights(args.tenant_weight),
     )
     config.validate()
     return config
@@ -83,9 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging("scheduler")
     config = config_from_args(args)
-    get_logger(__name__).info(
-        "starting", port=config.port, executor=config.executor_addr, policy=config.policy
-    )
+    get_logger(__name__).info("starting", port=config.port, executor=config.executor_addr, policy=config.policy)
     asyncio.run(serve(config))
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
@@ -24,14 +24,15 @@ class SchedulerConfig:
     priority_update_prob: float = 0.0  # per live request, per iteration
     priority_levels: int = 4
     seed: int = 0
+    vtc_prompt_price: float = 1.0  # VTC service per prompt token
+    vtc_gen_price: float = 2.0  # VTC service per generated token
+    tenant_weights: dict[str, float] = field(default_factory=dict)  # VTC weights (default 1.0)
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.preemption not in PREEMPTION_MODES:
-            raise ValueError(
-                f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}"
-            )
+            raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
         if self.max_running <= 0:
             raise ValueError(f"max running requests must be > 0, got {self.max_running}")
         if self.max_step_tokens < self.max_running:
@@ -42,9 +43,7 @@ class SchedulerConfig:
         if self.priority_updates not in PRIORITY_UPDATES:
             raise ValueError(f"priority updates must be one of {', '.join(PRIORITY_UPDATES)}")
         if not 0.0 <= self.priority_update_prob <= 1.0:
-            raise ValueError(
-                f"priority update probability must be in [0, 1], got {self.priority_update_prob}"
-            )
+            raise ValueError(f"priority update probability must be in [0, 1], got {self.priority_update_prob}")
         if self.priority_levels < 1:
             raise ValueError(f"priority levels must be >= 1, got {self.priority_levels}")
         if not self.executor_addr:

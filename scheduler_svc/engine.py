@@ -106,7 +106,14 @@ class Engine:
         stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self.info = await self._describe(stub, wait_s=self.config.executor_timeout_s)
         eos = self._eos_ids()
-        self.scheduler = Scheduler(self.config, self.info.num_blocks, self.info.block_size, eos)
+        policy = None
+        if self.config.policy == "vtc":
+            from scheduler_svc.vtc import VirtualTokenCounter
+
+            policy = VirtualTokenCounter(
+                self.config.vtc_prompt_price, self.config.vtc_gen_price, self.config.tenant_weights or None
+            )
+        self.scheduler = Scheduler(self.config, self.info.num_blocks, self.info.block_size, eos, policy)
         log.info(
             "executor_attached",
             executor=self.config.executor_addr,
@@ -132,9 +139,7 @@ class Engine:
         if self._channel is not None:
             await self._channel.close()
 
-    async def _describe(
-        self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float
-    ) -> executor_pb2.ExecutorInfo:
+    async def _describe(self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float) -> executor_pb2.ExecutorInfo:
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -227,12 +232,8 @@ class Engine:
                 continue
             command = swap_pb2.SwapCommand(
                 swap_id=order.swap_id,
-                direction=swap_pb2.SWAP_DIRECTION_OUT
-                if order.direction == "out"
-                else swap_pb2.SWAP_DIRECTION_IN,
-                runs=[
-                    swap_pb2.BlockRun(device_start=d, host_start=h, num_blocks=n) for d, h, n in order.runs
-                ],
+                direction=swap_pb2.SWAP_DIRECTION_OUT if order.direction == "out" else swap_pb2.SWAP_DIRECTION_IN,
+                runs=[swap_pb2.BlockRun(device_start=d, host_start=h, num_blocks=n) for d, h, n in order.runs],
                 granularity=granularity[order.granularity],
             )
             try:
@@ -484,4 +485,11 @@ class Engine:
         return counters
 
     def tenant_stats(self) -> dict[str, tuple[float, int, int]]:
-        return {}
+        """tenant -> (weighted service, prompt tokens, generated tokens)."""
+        if self.scheduler is None:
+            return {}
+        prices = (self.config.vtc_prompt_price, self.config.vtc_gen_price)
+        return {
+            name: (t.weighted(*prices), t.prompt_tokens, t.generated_tokens)
+            for name, t in self.scheduler.stats.tenants.items()
+        }

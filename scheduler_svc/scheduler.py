@@ -61,8 +61,20 @@ def pair_runs(device: list[int], host: list[int]) -> list[tuple[int, int, int]]:
 
 
 @dataclass(slots=True)
+class TenantService:
+    """Service a tenant received: prompt tokens computed and tokens generated (recomputation excluded)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def weighted(self, prompt_price: float = 1.0, gen_price: float = 2.0) -> float:
+        return prompt_price * self.prompt_tokens + gen_price * self.generated_tokens
+
+
+@dataclass(slots=True)
 class Stats:
     counters: Counter[str] = field(default_factory=Counter)
+    tenants: dict[str, TenantService] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -195,9 +207,7 @@ class Scheduler:
 
     def _order(self, direction: str, seq: Sequence, device: list[int], host: list[int]) -> None:
         granularity = "block_layer" if self.config.preemption == "vllm-like" else "run"
-        order = SwapOrder(
-            next(self._swap_ids), direction, seq, device, host, pair_runs(device, host), granularity
-        )
+        order = SwapOrder(next(self._swap_ids), direction, seq, device, host, pair_runs(device, host), granularity)
         self._swap_orders.append(order)
         self.stats.counters[f"swap_{direction}_orders"] += 1
 
@@ -243,9 +253,7 @@ class Scheduler:
                 continue  # a copy is in flight for it, or it was preempted earlier in this walk
             # Preemptible: lower-ranked requests holding device blocks (running, or swapped back in).
             below = [
-                s
-                for s in reversed(ranked[i + 1 :])
-                if s.block_table and s.status in (Status.RUNNING, Status.WAITING)
+                s for s in reversed(ranked[i + 1 :]) if s.block_table and s.status in (Status.RUNNING, Status.WAITING)
             ]
             if seq.status is not Status.RUNNING:
                 running_below = [s for s in below if s.status is Status.RUNNING]
@@ -307,11 +315,12 @@ class Scheduler:
             if seq is None or seq.finished or seq.status is not Status.RUNNING:
                 continue  # cancelled or preempted while the step ran
             seq.num_computed = chunk.start_position + len(chunk.token_ids)
-            prompt_done = max(
-                0, min(seq.num_computed, seq.num_prompt) - max(chunk.start_position, seq.prompt_served)
-            )
+            prompt_done = max(0, min(seq.num_computed, seq.num_prompt) - max(chunk.start_position, seq.prompt_served))
             seq.prompt_served += prompt_done
             self.policy.on_served(seq, prompt_done, 1 if chunk.sample else 0)
+            served = self.stats.tenants.setdefault(seq.tenant, TenantService())
+            served.prompt_tokens += prompt_done
+            served.generated_tokens += 1 if chunk.sample else 0
             if not chunk.sample:
                 continue
             token = sampled[chunk.request_id]

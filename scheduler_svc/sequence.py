@@ -50,9 +50,7 @@ class Sequence:
     status: Status = Status.WAITING
     finish: Finish | None = None
     block_table: list[int] = field(default_factory=list)
-    host_table: list[int] = field(
-        default_factory=list
-    )  # host blocks holding KV of the first num_computed tokens
+    host_table: list[int] = field(default_factory=list)  # host blocks holding KV of the first num_computed tokens
     unsent_blocks: int = 0  # trailing blocks of block_table the executor has not been told about
     executor_known: bool = False
     preemptions: int = 0

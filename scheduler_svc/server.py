@@ -61,9 +61,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
                 first = False
             yield response
 
-    async def Cancel(
-        self, request: api_pb2.CancelRequest, context: grpc.aio.ServicerContext
-    ) -> api_pb2.CancelResponse:
+    async def Cancel(self, request: api_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> api_pb2.CancelResponse:
         self.engine.cancel(request.request_id)
         return api_pb2.CancelResponse()
 
@@ -82,4 +80,8 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
     async def GetStats(
         self, request: api_pb2.GetStatsRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.GetStatsResponse:
-        return api_pb2.GetStatsResponse(counters=self.engine.stats())
+        tenants = {
+            name: api_pb2.TenantStats(service=service, prompt_tokens=prompt, generated_tokens=generated)
+            for name, (service, prompt, generated) in self.engine.tenant_stats().items()
+        }
+        return api_pb2.GetStatsResponse(counters=self.engine.stats(), tenants=tenants)

@@ -117,8 +117,7 @@ class VirtualTokenCounter:
 
     def tenant_stats(self) -> dict[str, TenantService]:
         return {
-            tenant: TenantService(a.counter, a.prompt_tokens, a.generated_tokens)
-            for tenant, a in self._tenants.items()
+            tenant: TenantService(a.counter, a.prompt_tokens, a.generated_tokens) for tenant, a in self._tenants.items()
         }
 
     def _entry(

@@ -41,9 +41,7 @@ async def serve(config: SwapDaemonConfig) -> None:
     swap_pb2_grpc.add_SwapDaemonServicer_to_server(servicer, host.server)
 
     async def ready() -> None:
-        servicer.engine = await asyncio.to_thread(
-            make_engine, config.backend, config.host_blocks, config.workers
-        )
+        servicer.engine = await asyncio.to_thread(make_engine, config.backend, config.host_blocks, config.workers)
         log.info(
             "swap_daemon_ready",
             backend=servicer.engine.backend,

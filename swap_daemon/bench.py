@@ -236,9 +236,7 @@ the other direction, and the closing line compares the groups against the faster
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m swap_daemon.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=512)
-    parser.add_argument(
-        "--block-kib", type=float, default=720.0, help="block size in KiB (720 = the default model)"
-    )
+    parser.add_argument("--block-kib", type=float, default=720.0, help="block size in KiB (720 = the default model)")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts to measure")
     parser.add_argument("--repeats", type=int, default=7)

@@ -103,9 +103,7 @@ def validate_runs(runs: Sequence[BlockRun], direction: Direction, geometry: Geom
             raise SwapRejected(f"run {run} is outside the device pool ({geometry.num_device_blocks} blocks)")
         if run.host_start < 0 or run.host_start + run.num_blocks > geometry.num_host_blocks:
             raise SwapRejected(f"run {run} is outside the host pool ({geometry.num_host_blocks} blocks)")
-    starts = sorted(
-        (r.host_start if direction is Direction.OUT else r.device_start, r.num_blocks) for r in runs
-    )
+    starts = sorted((r.host_start if direction is Direction.OUT else r.device_start, r.num_blocks) for r in runs)
     side = "host" if direction is Direction.OUT else "device"
     for (a_start, a_len), (b_start, _) in itertools.pairwise(starts):
         if b_start < a_start + a_len:
@@ -134,11 +132,7 @@ def plan_copies(runs: Sequence[BlockRun], granularity: Granularity, geometry: Ge
     if granularity is Granularity.RUN:
         return [(r.device_start * bb, r.host_start * bb, r.num_blocks * bb) for r in coalesce(runs)]
     if granularity is Granularity.BLOCK:
-        return [
-            ((r.device_start + i) * bb, (r.host_start + i) * bb, bb)
-            for r in runs
-            for i in range(r.num_blocks)
-        ]
+        return [((r.device_start + i) * bb, (r.host_start + i) * bb, bb) for r in runs for i in range(r.num_blocks)]
     pieces = 2 * geometry.num_layers
     if pieces <= 0 or bb % pieces:
         raise SwapRejected(
@@ -333,9 +327,7 @@ class CpuCopyEngine(CopyEngine):
         if self.workers == 1 or total < PARALLEL_MIN_BYTES:
             self._pool.submit(_copy_batch, dst, src, copies, out).result()
             return
-        futures = [
-            self._pool.submit(_copy_batch, dst, src, batch, out) for batch in split_even(copies, self.workers)
-        ]
+        futures = [self._pool.submit(_copy_batch, dst, src, batch, out) for batch in split_even(copies, self.workers)]
         for future in futures:
             future.result()
 

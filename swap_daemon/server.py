@@ -152,9 +152,7 @@ class _SwapStream:
                 raise SwapRejected("no Attach on this stream yet: the first message must carry attach")
             direction, runs, granularity = _to_domain(cmd)
             loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(
-                self.servicer._dispatch, self.engine.swap, direction, runs, granularity
-            )
+            result = await loop.run_in_executor(self.servicer._dispatch, self.engine.swap, direction, runs, granularity)
             done.bytes, done.copy_calls = result.bytes, result.copy_calls
         except SwapRejected as exc:
             done.ok, done.error = False, str(exc)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -94,16 +95,12 @@ class Reference:
         top = torch.topk(logits.float(), 2).values
         return float(top[0] - top[1])
 
-    def check(
-        self, prompt_ids: list[int], got: list[int], max_new_tokens: int, ignore_eos: bool = False
-    ) -> str:
+    def check(self, prompt_ids: list[int], got: list[int], max_new_tokens: int, ignore_eos: bool = False) -> str:
         """'match', or 'near-tie' when the first difference is a numerical near-tie; fails otherwise."""
         want = self.generate(prompt_ids, max_new_tokens, ignore_eos)
         if got == want:
             return "match"
-        i = next(
-            (k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
-        )
+        i = next((k for k, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want)))
         gap = self.top2_gap(prompt_ids + want[:i])
         assert gap < NEAR_TIE_LOGIT_GAP, (
             f"output differs from generate() at token {i} where the reference is not a near-tie "
@@ -132,6 +129,9 @@ def start_stack(**overrides: object) -> Iterator[object]:
         yield stack
     finally:
         stack.stop()
+
+
+running_stack = contextlib.contextmanager(start_stack)
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,7 @@ def test_concurrent_greedy_outputs_match_transformers_generate(stack, tokenizer,
 
 def test_prompt_longer_than_one_prefill_chunk_matches_generate(stack, tokenizer, reference) -> None:
     text = " ".join(
-        f"Paragraph {i}: the committee reviewed item {i} and recorded that it was approved."
-        for i in range(40)
+        f"Paragraph {i}: the committee reviewed item {i} and recorded that it was approved." for i in range(40)
     )
     prompt = text + "\nSummary of the meeting:"
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
@@ -145,9 +144,7 @@ def test_cancel_ends_a_running_request_and_frees_its_blocks(stack) -> None:
 def test_client_disconnect_mid_stream_frees_blocks(stack) -> None:
     channel = grpc.insecure_channel(stack.addr)
     stub = api_pb2_grpc.FastSwitchStub(channel)
-    call = stub.Generate(
-        api_pb2.GenerateRequest(prompt=PROMPTS[3], max_tokens=400, ignore_eos=True), timeout=60
-    )
+    call = stub.Generate(api_pb2.GenerateRequest(prompt=PROMPTS[3], max_tokens=400, ignore_eos=True), timeout=60)
     next(call)
     next(call)
     with Client(stack.addr) as client:

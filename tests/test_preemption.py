@@ -12,7 +12,7 @@ import pytest
 
 from fastswitch import AsyncClient, Client, NotFound
 from fastswitch.v1 import api_pb2, api_pb2_grpc
-from tests.conftest import PROMPTS, start_stack
+from tests.conftest import PROMPTS, running_stack, start_stack
 
 pytestmark = pytest.mark.model
 
@@ -87,14 +87,12 @@ def mode_stack_block_bytes(stats: dict[str, float]) -> float:
 
 
 def test_killing_the_swap_daemon_mid_run_falls_back_to_recompute_and_completes(model_dir, tokenizer, reference) -> None:
-    for stack in start_stack(preemption="swap", **TINY):
+    with running_stack(preemption="swap", **TINY) as stack:
         prompts = PROMPTS[:N_PROMPTS]
 
         async def run() -> list[object]:
             async with AsyncClient(stack.addr) as client:
-                tasks = [
-                    asyncio.create_task(client.complete(p, max_tokens=MAX_NEW, ignore_eos=True)) for p in prompts
-                ]
+                tasks = [asyncio.create_task(client.complete(p, max_tokens=MAX_NEW, ignore_eos=True)) for p in prompts]
                 while (await client.stats())["swap_out_bytes"] == 0:
                     await asyncio.sleep(0.05)
                 swapd = next(p for p in stack.procs if "swap_daemon" in " ".join(map(str, p.args)))
@@ -114,7 +112,7 @@ def test_killing_the_swap_daemon_mid_run_falls_back_to_recompute_and_completes(m
 
 
 def test_stress_with_priorities_cancels_and_disconnects_leaves_pools_exactly_full(model_dir) -> None:
-    for stack in start_stack(preemption="swap", **TINY):
+    with running_stack(preemption="swap", **TINY) as stack:
         rng = random.Random(7)
 
         async def run() -> None:
@@ -125,7 +123,11 @@ def test_stress_with_priorities_cancels_and_disconnects_leaves_pools_exactly_ful
                     kind = rng.choice(["complete", "cancel", "disconnect"])
                     rid = f"stress-{i}"
                     gen = client.generate(
-                        prompt, max_tokens=rng.randint(4, 20), ignore_eos=True, priority=rng.randrange(4), request_id=rid
+                        prompt,
+                        max_tokens=rng.randint(4, 20),
+                        ignore_eos=True,
+                        priority=rng.randrange(4),
+                        request_id=rid,
                     )
                     if kind == "complete":
                         async for _ in gen:

@@ -59,9 +59,7 @@ def run_to_completion(sched: Scheduler, executor: FakeExecutor, max_steps: int =
 def assert_ownership(sched: Scheduler) -> None:
     """Every device and host block is free, owned by exactly one request, or under one copy."""
     in_copy = [o for o in [*sched.swaps.values(), *sched._swap_orders]]
-    owned = [
-        b for s in sched.requests.values() for b in s.block_table if s.status.value not in ("swapping_in",)
-    ]
+    owned = [b for s in sched.requests.values() for b in s.block_table if s.status.value not in ("swapping_in",)]
     owned += [b for o in in_copy for b in o.device_blocks]
     assert len(owned) == len(set(owned)), "a device block is owned twice"
     assert sched.allocator.num_free + len(owned) == sched.allocator.num_blocks
@@ -258,9 +256,7 @@ def run_with_swaps(
     raise AssertionError("no progress")
 
 
-def make_swapping(
-    num_blocks: int, host_blocks: int, preemption: str = "swap", policy: str = "fcfs"
-) -> Scheduler:
+def make_swapping(num_blocks: int, host_blocks: int, preemption: str = "swap", policy: str = "fcfs") -> Scheduler:
     config = SchedulerConfig(max_step_tokens=16, max_running=4, policy=policy, preemption=preemption)
     sched = Scheduler(config, num_blocks=num_blocks, block_size=BLOCK, eos_token_ids={EOS})
     sched.attach_host_pool(host_blocks)
@@ -404,3 +400,34 @@ def test_random_priorities_swaps_and_cancels_leave_both_pools_exactly_full(
     run_with_swaps(sched, ex, daemon, aborts=aborts)
     assert sched.allocator.num_free == num_blocks
     assert sched.host is not None and sched.host.num_free == host_blocks
+
+
+def test_a_higher_priority_arrival_preempts_when_the_batch_cap_blocks_it() -> None:
+    sched, ex = make(num_blocks=64, max_running=2, policy="priority"), FakeExecutor()
+    low = [seq(f"low{i}", prompt_len=2, max_tokens=30, priority=0) for i in range(2)]
+    for s in low:
+        sched.add(s)
+    for _ in range(3):
+        plan = sched.schedule()
+        assert plan is not None
+        sched.on_step_output(ex.run(plan))
+    high = seq("high", prompt_len=2, max_tokens=3, priority=9)
+    sched.add(high)
+    plan = sched.schedule()
+    assert plan is not None
+    assert "high" in [c.request_id for c in plan.chunks], "KV had room; only the batch cap blocked it"
+    assert sum(s.preemptions for s in low) == 1
+    sched.on_step_output(ex.run(plan))
+    run_to_completion(sched, ex)
+    assert all(s.finish is Finish.LENGTH for s in [*low, high])
+
+
+def test_per_tenant_service_counts_prompt_and_generated_tokens_once() -> None:
+    sched, ex = make(num_blocks=6), FakeExecutor()
+    for i in range(4):
+        sched.add(seq(f"r{i}", prompt_len=3, max_tokens=8, tenant="a" if i % 2 else "b"))
+    run_to_completion(sched, ex)
+    assert sched.stats.counters["preemptions"] > 0  # recomputation happened but is not service
+    for tenant in ("a", "b"):
+        served = sched.stats.tenants[tenant]
+        assert (served.prompt_tokens, served.generated_tokens) == (6, 16)

@@ -47,9 +47,7 @@ SERVICE = swap_pb2.DESCRIPTOR.services_by_name["SwapDaemon"].full_name
 class ShmPool:
     """A device pool the way the executor makes one, with a numpy view for the test to poke at."""
 
-    def __init__(
-        self, num_blocks: int = DEVICE_BLOCKS, block_bytes: int = BLOCK_BYTES, seed: int = 0
-    ) -> None:
+    def __init__(self, num_blocks: int = DEVICE_BLOCKS, block_bytes: int = BLOCK_BYTES, seed: int = 0) -> None:
         self.shm, self.handle = pools.create_shm_pool(num_blocks, block_bytes)
         self.view = np.frombuffer(self.shm.buf, dtype=np.uint8, count=num_blocks * block_bytes).reshape(
             num_blocks, block_bytes
@@ -114,9 +112,7 @@ def test_copy_calls_are_exact_for_each_granularity(engine: CpuCopyEngine) -> Non
 
 def test_runs_contiguous_on_one_side_only_are_not_coalesced(engine: CpuCopyEngine) -> None:
     assert engine.swap(Direction.OUT, [BlockRun(0, 0, 2), BlockRun(2, 5, 2)], Granularity.RUN).copy_calls == 2
-    assert (
-        engine.swap(Direction.OUT, [BlockRun(4, 8, 2), BlockRun(0, 10, 2)], Granularity.RUN).copy_calls == 2
-    )
+    assert engine.swap(Direction.OUT, [BlockRun(4, 8, 2), BlockRun(0, 10, 2)], Granularity.RUN).copy_calls == 2
 
 
 def test_block_layer_copies_are_the_pieces_of_the_kv_layout() -> None:
@@ -249,9 +245,7 @@ def shared_engine() -> Iterator[tuple[ShmPool, CpuCopyEngine]]:
 
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
-def test_any_valid_command_round_trips(
-    shared_engine: tuple[ShmPool, CpuCopyEngine], data: st.DataObject
-) -> None:
+def test_any_valid_command_round_trips(shared_engine: tuple[ShmPool, CpuCopyEngine], data: st.DataObject) -> None:
     pool, eng = shared_engine
     pool.view[:] = np.random.default_rng(data.draw(st.integers(0, 2**16))).integers(
         0, 256, pool.view.shape, dtype=np.uint8
@@ -439,9 +433,7 @@ def test_attach_with_bad_handle_aborts_stream_with_invalid_argument() -> None:
         s = Stream(stub)
         s.send(
             swap_pb2.SwapCommand(
-                attach=swap_pb2.Attach(
-                    pool_handle="shm:fastswitch-test-missing", num_device_blocks=4, block_bytes=64
-                )
+                attach=swap_pb2.Attach(pool_handle="shm:fastswitch-test-missing", num_device_blocks=4, block_bytes=64)
             )
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -81,14 +81,10 @@ def _generation_config(max_new_tokens: int, ignore_eos: bool, model: torch.nn.Mo
     pad = model.generation_config.pad_token_id
     if pad is None:
         pad = model.config.eos_token_id if model.config.eos_token_id is not None else 0
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
-    )
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
 
 
-def workload_cb_config(
-    prompts: list[list[int]], max_new_tokens: int, page_size: int = 256
-) -> ContinuousBatchingConfig:
+def workload_cb_config(prompts: list[list[int]], max_new_tokens: int, page_size: int = 256) -> ContinuousBatchingConfig:
     """A paged cache just big enough for every request at once, and a token budget that prefills all
     prompts in one step (instead of the memory-derived defaults, which are huge on CPU)."""
     num_blocks = sum(math.ceil((len(p) + max_new_tokens) / page_size) for p in prompts) + 1

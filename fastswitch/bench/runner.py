@@ -55,7 +55,11 @@ PRESETS = {
     "gpu": Preset(prompts=64, max_tokens=256, device_blocks=8192, max_running=64),
 }
 
-STACK_MODES = {"fastswitch": {"preemption": "swap"}, "recompute": {"preemption": "recompute"}}
+STACK_MODES = {
+    "fastswitch": {"preemption": "swap"},
+    "vllm-like": {"preemption": "vllm-like"},
+    "recompute": {"preemption": "recompute"},
+}
 PEER_MODES = {"transformers-cb"}
 ALL_MODES = ("fastswitch", "vllm-like", "recompute", "no-groups", "no-async", "no-reuse", "transformers-cb")
 
@@ -72,9 +76,7 @@ def build_prompts(tokenizer: Any, n: int) -> list[str]:
     """n chat prompts (the chat template applied), cycling through the built-in texts."""
     texts = [PROMPT_TEXTS[i % len(PROMPT_TEXTS)] for i in range(n)]
     return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False
-        )
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
         for t in texts
     ]
 
@@ -129,9 +131,7 @@ async def _replay(addr: str, prompts: list[str], max_tokens: int) -> dict[str, A
     }
 
 
-def _run_stack_mode(
-    mode: str, preset: Preset, prompts: list[str], addr: str | None, out: pathlib.Path
-) -> dict:
+def _run_stack_mode(mode: str, preset: Preset, prompts: list[str], addr: str | None, out: pathlib.Path) -> dict:
     if addr:
         return asyncio.run(_replay(addr, prompts, preset.max_tokens))
     from fastswitch.stack import Stack, StackConfig

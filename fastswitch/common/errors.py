@@ -106,9 +106,7 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         if handler.stream_stream:
             inner_ss = handler.stream_stream
 
-            async def stream_stream(
-                request_iterator: Any, context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
+            async def stream_stream(request_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 try:
                     async for item in inner_ss(request_iterator, context):
                         yield item

@@ -101,13 +101,9 @@ class StepPlan:
     def from_proto(cls, msg: executor_pb2.StepPlan) -> StepPlan:
         return cls(
             step_id=msg.step_id,
-            new_requests=[
-                NewRequest(r.request_id, Sampling.from_proto(r.sampling)) for r in msg.new_requests
-            ],
+            new_requests=[NewRequest(r.request_id, Sampling.from_proto(r.sampling)) for r in msg.new_requests],
             chunks=[
-                ScheduledChunk(
-                    c.request_id, list(c.token_ids), c.start_position, list(c.new_block_ids), c.sample
-                )
+                ScheduledChunk(c.request_id, list(c.token_ids), c.start_position, list(c.new_block_ids), c.sample)
                 for c in msg.chunks
             ],
             released_request_ids=list(msg.released_request_ids),
