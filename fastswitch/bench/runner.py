@@ -186,7 +186,7 @@ def markdown(results: dict[str, Any]) -> str:
     modes = results["modes"]
     base = "transformers-cb" if "transformers-cb" in modes else None
     lines = [
-        "| mode | throughput tok/s | vs transformers-cb | TTFT p50 s | TTFT p99 s | TBT p50 s | TBT p99 s | preemptions |",
+        "| mode | throughput tok/s | vs transformers-cb | TTFT p50 s | TTFT p99 s | TBT p50 s | TBT p99 s | preemptions |",  # noqa: E501
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, m in modes.items():
