@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=None, service=module)
 
     bench = sub.add_parser("bench", help="benchmark the stack against baselines")
-    bench.add_argument("--preset", choices=["tiny", "small", "gpu"], default="small")
+    bench.add_argument("--preset", choices=["tiny", "small", "churn", "gpu"], default="small")
     bench.add_argument("--modes", default=None, help="comma-separated modes")
     bench.add_argument("--json", default=None, help="write results JSON here")
     bench.add_argument("--out", default="bench-results", help="results directory")

@@ -67,7 +67,7 @@ def test_outputs_match_generate_under_heavy_preemption_and_priority_flips(mode_s
         assert stats["swap_out_bytes"] == 0 and stats["recomputed_tokens"] > 0
     else:
         assert stats["swap_out_bytes"] > 0 and stats["swap_in_bytes"] > 0, stats
-        blocks_moved = stats["swap_out_bytes"] / (mode_stack_block_bytes(stats))
+        blocks_moved = (stats["swap_out_bytes"] + stats["swap_in_bytes"]) / mode_stack_block_bytes(stats)
         if mode == "vllm-like":
             assert stats["copy_calls"] >= blocks_moved * 30 * 2, "vllm-like copies per block per layer per K/V"
         else:

@@ -47,12 +47,25 @@ class Preset:
     max_tokens: int
     device_blocks: int
     max_running: int
+    policy: str = "fcfs"
+    priority_updates: str = "none"
+    priority_update_prob: float = 0.0
 
 
 PRESETS = {
     "tiny": Preset(prompts=4, max_tokens=8, device_blocks=128, max_running=16),
     "small": Preset(prompts=16, max_tokens=64, device_blocks=512, max_running=32),
     "gpu": Preset(prompts=64, max_tokens=256, device_blocks=8192, max_running=64),
+    # A pool too small for the batch, with the paper's random priority churn: preemption all the time.
+    "churn": Preset(
+        prompts=16,
+        max_tokens=64,
+        device_blocks=40,
+        max_running=16,
+        policy="priority",
+        priority_updates="random",
+        priority_update_prob=0.05,
+    ),
 }
 
 STACK_MODES = {
@@ -145,6 +158,9 @@ def _run_stack_mode(mode: str, preset: Preset, prompts: list[str], addr: str | N
         max_running=preset.max_running,
         max_step_tokens=max(256, preset.max_running),
         preemption=settings["preemption"],
+        policy=preset.policy,
+        priority_updates=preset.priority_updates,
+        priority_update_prob=preset.priority_update_prob,
     )
     with Stack(config, log_dir=str(out / "logs" / mode)) as stack:
         return asyncio.run(_replay(stack.addr, prompts, preset.max_tokens))
@@ -184,16 +200,18 @@ def machine() -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     modes = results["modes"]
-    base = "transformers-cb" if "transformers-cb" in modes else None
+    base = next((b for b in ("transformers-cb", "vllm-like") if b in modes), None)
     lines = [
-        "| mode | throughput tok/s | vs transformers-cb | TTFT p50 s | TTFT p99 s | TBT p50 s | TBT p99 s | preemptions |",  # noqa: E501
-        "|---|---|---|---|---|---|---|---|",
+        f"| mode | throughput tok/s | vs {base or '-'} | TTFT p50 s | TTFT p99 s | TBT p50 s | TBT p99 s | "
+        "preemptions | swap MB | copy calls | swap stall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in modes.items():
         ratio = f"{m['throughput_tok_s'] / modes[base]['throughput_tok_s']:.2f}x" if base else "-"
         lines.append(
             f"| {name} | {m['throughput_tok_s']:.1f} | {ratio} | {m['ttft_p50']:.3f} | {m['ttft_p99']:.3f} | "
-            f"{m['tbt_p50']:.3f} | {m['tbt_p99']:.3f} | {m['preemptions']:.0f} |"
+            f"{m['tbt_p50']:.3f} | {m['tbt_p99']:.3f} | {m['preemptions']:.0f} | {m['swap_bytes'] / 1e6:.1f} | "
+            f"{m['copy_calls']:.0f} | {m['swap_stall_s']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 
