@@ -203,6 +203,23 @@ class Engine:
         finally:
             await channel.close()
 
+    async def _restart_swap_client(self) -> None:
+        """A new executor has a new KV pool: the daemon must map that one, not the old one.
+
+        Copies still in flight refer to the old pool, so their requests recompute.
+        """
+        if self._swap_task is None:
+            return
+        self._swap_task.cancel()
+        try:
+            await self._swap_task
+        except asyncio.CancelledError:
+            pass
+        self._swap_call = None
+        if self.scheduler is not None and self.scheduler.host is not None:
+            self.scheduler.on_swap_daemon_lost()
+        self._swap_task = asyncio.create_task(self._swap_client(), name="swap-client")
+
     def _on_swap_done(self, done: swap_pb2.SwapDone) -> None:
         sched = self.scheduler
         assert sched is not None
@@ -270,6 +287,7 @@ class Engine:
                 self.scheduler.reset_executor_state()
                 self.scheduler.stats.counters["executor_reconnects"] += 1
                 await self._await_executor(stub, lost_since)
+                await self._restart_swap_client()
 
     async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub, lost_since: float) -> None:
         while True:
@@ -278,6 +296,8 @@ class Engine:
                 assert self.info is not None
                 if (info.num_blocks, info.block_size) != (self.info.num_blocks, self.info.block_size):
                     log.error("executor_geometry_changed", old=self.info.num_blocks, new=info.num_blocks)
+                self.info = info
+                log.info("executor_reattached", pool=info.pool_handle)
                 return
             except grpc.aio.AioRpcError:
                 if time.monotonic() - lost_since > self.config.executor_timeout_s:

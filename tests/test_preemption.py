@@ -158,3 +158,36 @@ def test_stress_with_priorities_cancels_and_disconnects_leaves_pools_exactly_ful
         assert stats["live_requests"] == 0
         assert stats["device_blocks_free"] == stats["device_blocks_total"]
         assert stats["host_blocks_free"] == stats["host_blocks_total"]
+
+
+def test_an_executor_that_dies_mid_run_is_replaced_and_every_request_completes_correctly(
+    model_dir, tokenizer, reference
+) -> None:
+    import subprocess
+
+    with running_stack(preemption="swap", **TINY) as stack:
+        prompts = PROMPTS[:N_PROMPTS]
+
+        async def run() -> list[object]:
+            async with AsyncClient(stack.addr) as client:
+                tasks = [asyncio.create_task(client.complete(p, max_tokens=MAX_NEW, ignore_eos=True)) for p in prompts]
+                while (await client.stats()).get("generated_tokens", 0) < 10:
+                    await asyncio.sleep(0.05)
+                index = next(i for i, p in enumerate(stack.procs) if "executor_svc" in " ".join(map(str, p.args)))
+                old = stack.procs[index]
+                old.kill()
+                old.wait()
+                # A supervisor (docker, systemd) would restart it; so does this test.
+                stack.procs[index] = subprocess.Popen(old.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                return await asyncio.gather(*tasks)
+
+        results = asyncio.run(run())
+        with Client(stack.addr) as client:
+            stats = _wait_idle(client)
+        assert stats["executor_reconnects"] >= 1, stats
+        assert stats["device_blocks_free"] == stats["device_blocks_total"]
+        verdicts = [
+            reference.check(tokenizer(p, add_special_tokens=False)["input_ids"], r.token_ids, MAX_NEW, ignore_eos=True)
+            for p, r in zip(prompts, results, strict=True)
+        ]
+        assert verdicts.count("near-tie") <= 1, verdicts
