@@ -251,10 +251,16 @@ class Scheduler:
                 break
             if seq.status not in (Status.RUNNING, Status.WAITING, Status.SWAPPED):
                 continue  # a copy is in flight for it, or it was preempted earlier in this walk
-            # Preemptible: lower-ranked requests holding device blocks (running, or swapped back in).
-            below = [
-                s for s in reversed(ranked[i + 1 :]) if s.block_table and s.status in (Status.RUNNING, Status.WAITING)
-            ]
+            n = min(seq.num_pending, budget)
+            needed = len(seq.host_table) if seq.status is Status.SWAPPED else self._blocks_short(seq, n)
+            capped = seq.status is not Status.RUNNING and len(self.running) >= self.config.max_running
+            # Preemptible: lower-ranked requests holding device blocks (running, or swapped back in),
+            # lowest first. Built only when room is short: it is the walk's one O(n) step.
+            below = (
+                [s for s in reversed(ranked[i + 1 :]) if s.block_table and s.status in (Status.RUNNING, Status.WAITING)]
+                if capped or needed > self.allocator.num_free
+                else []
+            )
             if seq.status is not Status.RUNNING:
                 running_below = [s for s in below if s.status is Status.RUNNING]
                 while len(self.running) >= self.config.max_running and running_below:
@@ -273,8 +279,6 @@ class Scheduler:
                 else:
                     break
                 continue
-            n = min(seq.num_pending, budget)
-            needed = self._blocks_short(seq, n)
             if needed > 0:
                 room = "wait" if blocked else self._make_room(needed, below)
                 if room == "wait":
