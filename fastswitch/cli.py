@@ -14,7 +14,7 @@ import argparse
 import json
 import signal
 import sys
-import threading
+import time
 import uuid
 
 from fastswitch.client import DEFAULT_ADDR, Client, FastSwitchError
@@ -42,9 +42,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         ),
         log_dir=args.log_dir,
     )
-    stop = threading.Event()
+    # A plain flag: a signal handler must not take locks (Event.set would deadlock against wait()).
+    stop = {"requested": False}
+
+    def request_stop(*_: object) -> None:
+        stop["requested"] = True
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt  # while starting: unwind, and Stack.start stops what it started
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, interrupt)
     try:
         addr = stack.start(timeout_s=args.timeout)
     except (RuntimeError, TimeoutError) as err:
@@ -53,9 +61,12 @@ def _cmd_up(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
     print(f"fastswitch ready at {addr}", flush=True)
     try:
-        while not stop.wait(0.5):
+        while not stop["requested"]:
+            time.sleep(0.2)
             for p in stack.procs:
                 if p.poll() is not None:
                     print(f"a service exited (code {p.returncode}); stopping the stack", file=sys.stderr)

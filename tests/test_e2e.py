@@ -219,6 +219,7 @@ def test_fastswitch_up_prints_ready_answers_and_stops_on_sigterm(model_dir) -> N
         with Client(f"127.0.0.1:{port}") as client:
             assert client.complete("The capital of France is", max_tokens=4).token_ids
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # a second signal (a supervisor, an impatient user) must not wedge it
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:
