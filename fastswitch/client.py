@@ -94,6 +94,7 @@ class TokenChunk:
     finish_reason: str | None
     produced_unix_ns: int
     prompt_tokens: int = 0
+    reused_prefix_tokens: int = 0
 
     @classmethod
     def from_proto(cls, msg: api_pb2.GenerateResponse) -> TokenChunk:
@@ -104,6 +105,7 @@ class TokenChunk:
             finish_reason=_FINISH.get(msg.finish_reason),
             produced_unix_ns=msg.produced_unix_ns,
             prompt_tokens=msg.prompt_tokens,
+            reused_prefix_tokens=msg.reused_prefix_tokens,
         )
 
 
@@ -114,6 +116,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    reused_prefix_tokens: int = 0
 
     def add(self, chunk: TokenChunk) -> None:
         self.request_id = chunk.request_id
@@ -121,6 +124,7 @@ class Completion:
         self.token_ids.extend(chunk.token_ids)
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
+        self.reused_prefix_tokens = chunk.reused_prefix_tokens or self.reused_prefix_tokens
 
 
 def build_request(

@@ -24,6 +24,7 @@ class SchedulerConfig:
     priority_update_prob: float = 0.0  # per live request, per iteration
     priority_levels: int = 4
     seed: int = 0
+    conversation_ttl_s: float = 600.0  # kept KV of an idle conversation is dropped after this
     vtc_prompt_price: float = 1.0  # VTC service per prompt token
     vtc_gen_price: float = 2.0  # VTC service per generated token
     tenant_weights: dict[str, float] = field(default_factory=dict)  # VTC weights (default 1.0)

@@ -420,6 +420,7 @@ class Engine:
             ignore_eos=req.ignore_eos,
             tenant=tenant,
             priority=req.priority,
+            conversation=conversation,
         )
         if conversation is not None:
             self.conversations[conversation] = messages
@@ -474,7 +475,10 @@ class Engine:
         self._wake.set()
 
     def end_conversation(self, tenant: str, conversation_id: str) -> None:
-        if self.conversations.pop((tenant or "default", conversation_id), None) is None:
+        key = (tenant or "default", conversation_id)
+        if self.scheduler is not None:
+            self.scheduler.drop_conversation(key)
+        if self.conversations.pop(key, None) is None:
             raise NotFoundError(f"tenant {tenant or 'default'!r} has no conversation {conversation_id!r}")
 
     def stats(self) -> dict[str, float]:
@@ -495,6 +499,8 @@ class Engine:
             counters["device_blocks_free"] = sched.allocator.num_free
             counters["device_blocks_total"] = sched.allocator.num_blocks
             counters["swaps_in_flight"] = len(sched.swaps)
+            counters["kept_conversations"] = len(sched.kept)
+            counters["kept_kv_blocks"] = sum(len(k.blocks) for k in sched.kept.values())
             if sched.host is not None:
                 counters["host_blocks_free"] = sched.host.num_free
                 counters["host_blocks_total"] = sched.host.num_blocks

@@ -14,7 +14,8 @@ their request is cancelled meanwhile; a swapped request is scheduled only once i
 from __future__ import annotations
 
 import itertools
-from collections import Counter
+import time
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import structlog
@@ -34,6 +35,23 @@ class TokenEvent:
 
     seq: Sequence
     token_id: int
+
+
+@dataclass(slots=True)
+class KeptKV:
+    """A finished turn's KV, kept on the device for the conversation's next turn."""
+
+    tokens: list[int]  # the tokens whose KV the blocks hold, in order
+    blocks: list[int]
+    last_used: float
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 @dataclass(slots=True)
@@ -98,6 +116,8 @@ class Scheduler:
         self._step_ids = itertools.count()
         self.in_flight: StepPlan | None = None
         self.stats = Stats()
+        # Conversations' KV between turns, least recently used first; evicted before anyone is preempted.
+        self.kept: OrderedDict[tuple[str, str], KeptKV] = OrderedDict()
         self.host: BlockAllocator | None = None  # the swap daemon's host pool, while attached
         self.swaps: dict[int, SwapOrder] = {}  # in flight
         self._swap_orders: list[SwapOrder] = []  # decided, not yet sent
@@ -217,6 +237,61 @@ class Scheduler:
         self.policy.on_arrival(seq, self.requests.values())
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
+        if seq.conversation is not None:
+            self._reuse(seq)
+
+    # -- conversations ----------------------------------------------------------------------------
+
+    def _reuse(self, seq: Sequence) -> None:
+        """Start seq from its conversation's kept KV: the longest common token prefix is not recomputed."""
+        kept = self.kept.pop(seq.conversation, None)  # type: ignore[arg-type]
+        if kept is None:
+            return
+        # At least the last prompt token is computed again: its logits give the first new token.
+        reuse = min(common_prefix(kept.tokens, seq.prompt_ids), seq.num_prompt - 1)
+        keep = -(-reuse // self.block_size)
+        self.allocator.free(kept.blocks[keep:])
+        if reuse == 0:
+            return
+        seq.block_table = kept.blocks[:keep]
+        seq.num_computed = reuse
+        seq.reused_tokens = reuse
+        seq.prompt_served = reuse  # reused KV is service the tenant already received
+        self.stats.counters["reused_prefix_tokens"] += reuse
+
+    def _keep(self, seq: Sequence) -> None:
+        """A conversation turn ended: keep its KV on the device for the next turn."""
+        assert seq.conversation is not None
+        kv_blocks = -(-seq.num_computed // self.block_size)
+        self.allocator.free(seq.block_table[kv_blocks:])
+        old = self.kept.pop(seq.conversation, None)
+        if old is not None:
+            self.allocator.free(old.blocks)
+        self.kept[seq.conversation] = KeptKV(
+            seq.tokens[: seq.num_computed], seq.block_table[:kv_blocks], time.monotonic()
+        )
+        seq.block_table = []
+
+    def drop_conversation(self, conversation: tuple[str, str]) -> bool:
+        kept = self.kept.pop(conversation, None)
+        if kept is not None:
+            self.allocator.free(kept.blocks)
+        return kept is not None
+
+    def _evict_kept(self, now: float | None = None) -> bool:
+        """Drop the least recently used kept KV (all of it older than the TTL when `now` is given)."""
+        if not self.kept:
+            return False
+        if now is not None:
+            expired = [k for k, v in self.kept.items() if now - v.last_used > self.config.conversation_ttl_s]
+            for key in expired:
+                self.drop_conversation(key)
+                self.stats.counters["kept_kv_expired"] += 1
+            return bool(expired)
+        key = next(iter(self.kept))
+        self.drop_conversation(key)
+        self.stats.counters["kept_kv_evicted"] += 1
+        return True
 
     def abort(self, request_id: str, reason: Finish = Finish.CANCELLED) -> Sequence | None:
         """End a live request now; returns it, or None if it is not live."""
@@ -240,6 +315,7 @@ class Scheduler:
         when none is left to preempt, the walk stops, so nobody overtakes a higher-ranked request.
         """
         self.stats.counters["priority_changes"] += self.priority_updates.apply(self.requests.values())
+        self._evict_kept(now=time.monotonic())
         budget = self.config.max_step_tokens
         chunks: list[ScheduledChunk] = []
         new_requests: list[NewRequest] = []
@@ -361,6 +437,8 @@ class Scheduler:
         "wait": blocks already being swapped out will cover it when their copies land, so preempting
         more would only throw work away.
         """
+        while self.allocator.num_free < needed and self._evict_kept():
+            pass
         while self.allocator.num_free < needed:
             if self.allocator.num_free + self._landing_blocks() >= needed:
                 return "wait"
@@ -444,6 +522,12 @@ class Scheduler:
             self.waiting.append(seq)
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
+        if (
+            seq.conversation is not None
+            and reason in (Finish.LENGTH, Finish.EOS, Finish.STOP)
+            and seq.status is Status.RUNNING
+        ):
+            self._keep(seq)
         self._release(seq)
         if seq in self.running:
             self.running.remove(seq)

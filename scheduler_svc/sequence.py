@@ -54,6 +54,8 @@ class Sequence:
     unsent_blocks: int = 0  # trailing blocks of block_table the executor has not been told about
     executor_known: bool = False
     preemptions: int = 0
+    conversation: tuple[str, str] | None = None  # (tenant, conversation id)
+    reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's earlier turns
     prompt_served: int = 0  # prompt tokens counted as service once (recomputation is not service)
 
     def __post_init__(self) -> None:

@@ -58,6 +58,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
                 response.finish_reason = FINISH_TO_PROTO[chunk.finish]
             if first:
                 response.prompt_tokens = seq.num_prompt
+                response.reused_prefix_tokens = seq.reused_tokens
                 first = False
             yield response
 

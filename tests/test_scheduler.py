@@ -61,6 +61,7 @@ def assert_ownership(sched: Scheduler) -> None:
     in_copy = [o for o in [*sched.swaps.values(), *sched._swap_orders]]
     owned = [b for s in sched.requests.values() for b in s.block_table if s.status.value not in ("swapping_in",)]
     owned += [b for o in in_copy for b in o.device_blocks]
+    owned += [b for k in sched.kept.values() for b in k.blocks]
     assert len(owned) == len(set(owned)), "a device block is owned twice"
     assert sched.allocator.num_free + len(owned) == sched.allocator.num_blocks
     if sched.host is not None:
@@ -431,3 +432,61 @@ def test_per_tenant_service_counts_prompt_and_generated_tokens_once() -> None:
     for tenant in ("a", "b"):
         served = sched.stats.tenants[tenant]
         assert (served.prompt_tokens, served.generated_tokens) == (6, 16)
+
+
+def test_next_turn_reuses_the_kept_prefix_and_computes_only_the_rest() -> None:
+    sched, ex = make(num_blocks=64, max_step_tokens=64), FakeExecutor()
+    turn1 = seq("t1", prompt_len=10, max_tokens=5, conversation=("ten", "c"))
+    sched.add(turn1)
+    run_to_completion(sched, ex)
+    assert sched.kept[("ten", "c")].tokens == turn1.tokens[:14]  # the last sampled token has no KV yet
+    kept_blocks = list(sched.kept[("ten", "c")].blocks)
+    turn2_prompt = turn1.tokens[:12] + [99, 98, 97, 96]  # diverges at 12 (re-tokenised history may)
+    turn2 = Sequence("t2", turn2_prompt, Sampling(), 3, conversation=("ten", "c"))
+    sched.add(turn2)
+    assert turn2.reused_tokens == 12 and turn2.num_computed == 12
+    assert turn2.block_table == kept_blocks[:3]
+    plan = sched.schedule()
+    assert plan is not None and plan.chunks[0].start_position == 12 and plan.chunks[0].token_ids == [99, 98, 97, 96]
+    sched.on_step_output(ex.run(plan))
+    run_to_completion(sched, ex)
+    assert sched.stats.counters["reused_prefix_tokens"] == 12
+    assert_ownership(sched)
+
+
+def test_kept_kv_is_evicted_before_any_request_is_preempted() -> None:
+    sched, ex = make(num_blocks=8, max_step_tokens=64), FakeExecutor()
+    sched.add(seq("t1", prompt_len=10, max_tokens=5, conversation=("ten", "c")))
+    run_to_completion(sched, ex)
+    assert sched.kept and sched.allocator.num_free < 8
+    others = [seq(f"o{i}", prompt_len=6, max_tokens=6) for i in range(2)]
+    for s in others:
+        sched.add(s)
+    run_to_completion(sched, ex)
+    assert not sched.kept and sched.stats.counters["kept_kv_evicted"] == 1
+    assert sched.stats.counters["preemptions"] == 0
+    assert sched.allocator.num_free == 8
+
+
+def test_kept_kv_expires_after_the_ttl_and_end_conversation_frees_it() -> None:
+    sched, ex = make(num_blocks=64), FakeExecutor()
+    for conv in ("a", "b"):
+        sched.add(seq(f"t-{conv}", prompt_len=5, max_tokens=3, conversation=("ten", conv)))
+    run_to_completion(sched, ex)
+    assert sched.drop_conversation(("ten", "a")) and not sched.drop_conversation(("ten", "a"))
+    sched.kept[("ten", "b")].last_used -= sched.config.conversation_ttl_s + 1
+    sched.add(seq("x", prompt_len=2, max_tokens=1))
+    run_to_completion(sched, ex)
+    assert not sched.kept and sched.stats.counters["kept_kv_expired"] == 1
+    assert sched.allocator.num_free == 64
+
+
+def test_another_tenant_never_reuses_a_conversations_kv() -> None:
+    sched, ex = make(num_blocks=64), FakeExecutor()
+    first = seq("t1", prompt_len=8, max_tokens=3, conversation=("alice", "c"))
+    sched.add(first)
+    run_to_completion(sched, ex)
+    intruder = Sequence("t2", first.tokens[:10], Sampling(), 3, tenant="bob", conversation=("bob", "c"))
+    sched.add(intruder)
+    assert intruder.reused_tokens == 0 and intruder.num_computed == 0
+    assert ("alice", "c") in sched.kept

@@ -1,0 +1,91 @@
+"""Conversations through the real services: each turn's greedy output equals generate() on the whole
+conversation so far, later turns reuse the earlier turns' KV, and tenants never share a conversation."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fastswitch import Client, NotFound
+
+pytestmark = pytest.mark.model
+
+TURNS = ["Name a famous city in France.", "What river runs through it?", "Say that again in one word."]
+MAX_NEW = 16
+
+
+def _history_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:  # noqa: ANN001
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def _idle(client: Client) -> dict[str, float]:
+    deadline = time.monotonic() + 10
+    while (stats := client.stats())["live_requests"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return stats
+
+
+def test_each_turn_matches_generate_on_the_whole_conversation_and_reuses_earlier_kv(
+    stack, tokenizer, reference
+) -> None:
+    messages: list[dict[str, str]] = []
+    with Client(stack.addr) as client:
+        before = client.stats()["reused_prefix_tokens"]
+        for k, user in enumerate(TURNS):
+            messages.append({"role": "user", "content": user})
+            answer = client.complete(user, chat=True, max_tokens=MAX_NEW, conversation_id="trip", tenant="alice")
+            prompt_ids = _history_ids(tokenizer, messages)
+            assert answer.prompt_tokens == len(prompt_ids)
+            assert reference.check(prompt_ids, answer.token_ids, MAX_NEW) in ("match", "near-tie")
+            if k == 0:
+                assert answer.reused_prefix_tokens == 0
+            else:
+                # Everything up to the previous answer is reused (re-tokenised history may differ at its end).
+                assert answer.reused_prefix_tokens >= len(_history_ids(tokenizer, messages[:-2])), answer
+            messages.append({"role": "assistant", "content": answer.text})
+        stats = _idle(client)
+        assert stats["reused_prefix_tokens"] - before > 0
+        assert stats["kept_conversations"] >= 1
+        client.end_conversation("trip", tenant="alice")
+        stats = _idle(client)
+        assert stats["kept_conversations"] == 0
+        assert stats["device_blocks_free"] == stats["device_blocks_total"]
+        with pytest.raises(NotFound):
+            client.end_conversation("trip", tenant="alice")
+
+
+def test_a_tenant_cannot_continue_another_tenants_conversation(stack, tokenizer) -> None:
+    with Client(stack.addr) as client:
+        client.complete("My secret word is pineapple.", chat=True, max_tokens=8, conversation_id="c1", tenant="alice")
+        intruder = client.complete(
+            "What is my secret word?", chat=True, max_tokens=8, conversation_id="c1", tenant="bob"
+        )
+        fresh = client.complete("What is my secret word?", chat=True, max_tokens=8, tenant="bob")
+        assert intruder.reused_prefix_tokens == 0
+        assert intruder.prompt_tokens == fresh.prompt_tokens, "bob's turn must not contain alice's history"
+        assert intruder.token_ids == fresh.token_ids
+        with pytest.raises(NotFound):
+            client.end_conversation("c1", tenant="carol")
+        client.end_conversation("c1", tenant="alice")
+        client.end_conversation("c1", tenant="bob")
+
+
+def test_after_eviction_the_next_turn_recomputes_and_still_matches_generate(
+    tiny_pool_stack, tokenizer, reference
+) -> None:
+    messages = [{"role": "user", "content": TURNS[0]}]
+    with Client(tiny_pool_stack.addr) as client:
+        first = client.complete(TURNS[0], chat=True, max_tokens=MAX_NEW, conversation_id="evicted")
+        messages.append({"role": "assistant", "content": first.text})
+        assert _idle(client)["kept_conversations"] == 1
+        # Other traffic needs the whole pool: the kept KV is evicted rather than anyone preempted.
+        client.complete("Count from one to twenty:", max_tokens=150, ignore_eos=True)
+        stats = _idle(client)
+        assert stats["kept_conversations"] == 0 and stats["kept_kv_evicted"] >= 1
+        messages.append({"role": "user", "content": TURNS[1]})
+        second = client.complete(TURNS[1], chat=True, max_tokens=MAX_NEW, conversation_id="evicted")
+        assert second.reused_prefix_tokens == 0
+        assert reference.check(_history_ids(tokenizer, messages), second.token_ids, MAX_NEW) in ("match", "near-tie")
+        client.end_conversation("evicted")
