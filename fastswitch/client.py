@@ -171,6 +171,59 @@ def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:
     return out
 
 
+class Conversation:
+    """Turn after turn of one chat conversation (the chat template applied over all of it).
+
+    The server keeps the history and the earlier turns' KV, so each `send()` prefills only the new
+    turn. `end()` (or leaving the `with` block) frees what the server kept.
+    """
+
+    def __init__(
+        self, client: Client, conversation_id: str = "", tenant: str = "", system_prompt: str = "", **defaults: Any
+    ) -> None:
+        import uuid
+
+        self.client = client
+        self.conversation_id = conversation_id or f"conv-{uuid.uuid4().hex[:12]}"
+        self.tenant = tenant
+        self.defaults = defaults
+        self._system_prompt = system_prompt
+        self.turns: list[Completion] = []
+
+    def stream(self, prompt: str, **kwargs: Any) -> Iterator[TokenChunk]:
+        completion = Completion(request_id="", text="")
+        options = {**self.defaults, **kwargs}
+        for chunk in self.client.generate(
+            prompt,
+            chat=True,
+            conversation_id=self.conversation_id,
+            tenant=self.tenant,
+            system_prompt=self._system_prompt,
+            **options,
+        ):
+            completion.add(chunk)
+            yield chunk
+        self._system_prompt = ""  # sent with the first turn only
+        self.turns.append(completion)
+
+    def send(self, prompt: str, **kwargs: Any) -> Completion:
+        for _ in self.stream(prompt, **kwargs):
+            pass
+        return self.turns[-1]
+
+    def end(self) -> None:
+        try:
+            self.client.end_conversation(self.conversation_id, tenant=self.tenant)
+        except NotFound:
+            pass  # nothing kept (e.g. no turn finished)
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+
 class Client:
     """Blocking client; `generate()` yields TokenChunks as they arrive."""
 
@@ -204,6 +257,12 @@ class Client:
         for chunk in self.generate(prompt, timeout=timeout, **kwargs):
             completion.add(chunk)
         return completion
+
+    def conversation(
+        self, conversation_id: str = "", tenant: str = "", system_prompt: str = "", **defaults: Any
+    ) -> Conversation:
+        """A multi-turn chat; `defaults` (max_tokens, temperature, ...) apply to every turn."""
+        return Conversation(self, conversation_id, tenant, system_prompt, **defaults)
 
     def cancel(self, request_id: str) -> None:
         self._unary(self._stub.Cancel, api_pb2.CancelRequest(request_id=request_id))

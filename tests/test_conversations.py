@@ -89,3 +89,26 @@ def test_after_eviction_the_next_turn_recomputes_and_still_matches_generate(
         assert second.reused_prefix_tokens == 0
         assert reference.check(_history_ids(tokenizer, messages), second.token_ids, MAX_NEW) in ("match", "near-tie")
         client.end_conversation("evicted")
+
+
+def test_sdk_conversation_sends_turns_and_frees_the_kept_kv_on_exit(stack, tokenizer, reference) -> None:
+    with Client(stack.addr) as client:
+        with client.conversation(tenant="dora", max_tokens=MAX_NEW) as conv:
+            first = conv.send(TURNS[0])
+            chunks = list(conv.stream(TURNS[1]))
+            second = conv.turns[-1]
+            assert "".join(c.text for c in chunks) == second.text
+            assert second.reused_prefix_tokens > 0
+            messages = [
+                {"role": "user", "content": TURNS[0]},
+                {"role": "assistant", "content": first.text},
+                {"role": "user", "content": TURNS[1]},
+            ]
+            assert reference.check(_history_ids(tokenizer, messages), second.token_ids, MAX_NEW) in (
+                "match",
+                "near-tie",
+            )
+            assert _idle(client)["kept_conversations"] >= 1
+        stats = _idle(client)
+    assert stats["kept_conversations"] == 0
+    assert stats["device_blocks_free"] == stats["device_blocks_total"]
