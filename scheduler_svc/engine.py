@@ -90,7 +90,6 @@ class Engine:
         self._wake = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
         self._started = time.monotonic()
         self._swap_call: Any = None
         self._swap_task: asyncio.Task[None] | None = None
@@ -276,12 +275,10 @@ class Engine:
         while True:
             call = stub.Execute()
             try:
-                self._connected.set()
                 lost_since = None
                 await self._drive(call)
             except grpc.aio.AioRpcError as err:
                 call.cancel()
-                self._connected.clear()
                 lost_since = lost_since or time.monotonic()
                 log.warning("executor_lost", code=err.code().name, details=err.details())
                 self.scheduler.reset_executor_state()
@@ -336,8 +333,9 @@ class Engine:
                 live = self.live.get(event.seq.request_id)
                 if live is not None:
                     self._emit(live, event.token_id, now_ns)
-            for rid in [rid for rid, live in self.live.items() if live.seq.finished]:
-                self._end(self.live[rid], self.live[rid].seq.finish or Finish.CANCELLED)
+                    # A step finishes only requests it produced a token for (length, EOS, stop string).
+                    if live.seq.finished:
+                        self._end(live, live.seq.finish or Finish.CANCELLED)
 
     def _emit(self, live: _Live, token_id: int, now_ns: int) -> None:
         text = live.detok.add(token_id)
@@ -496,6 +494,7 @@ class Engine:
         }
         if sched is not None:
             counters.update({k: float(v) for k, v in sched.stats.counters.items()})
+            counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants.values()))
             counters["device_blocks_free"] = sched.allocator.num_free
             counters["device_blocks_total"] = sched.allocator.num_blocks
             counters["swaps_in_flight"] = len(sched.swaps)

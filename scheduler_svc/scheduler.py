@@ -421,10 +421,9 @@ class Scheduler:
     def reset_executor_state(self) -> None:
         """The executor was lost: its KV is gone, so every running request recomputes from tokens."""
         self.in_flight = None
-        self._releases = []
         for seq in list(self.running):
             self._preempt(seq, count=False)
-            seq.executor_known = False
+        self._releases = []  # the new executor knows no request: nothing to release
 
     # -- blocks -----------------------------------------------------------------------------------
 
@@ -471,8 +470,6 @@ class Scheduler:
         new_blocks = seq.block_table[len(seq.block_table) - seq.unsent_blocks :] if seq.unsent_blocks else []
         seq.unsent_blocks = 0
         start = seq.num_computed
-        if start == 0 and n == len(seq.tokens) and seq.preemptions == 0:
-            self.stats.counters["prompt_tokens"] += seq.num_prompt
         return ScheduledChunk(
             request_id=seq.request_id,
             token_ids=seq.tokens[start : start + n],

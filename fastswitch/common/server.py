@@ -69,6 +69,3 @@ class ServiceHost:
         if on_stop is not None:
             await on_stop()
         await self.server.stop(grace_s)
-
-    def stop(self) -> None:
-        self._stopping.set()
