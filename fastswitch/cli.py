@@ -39,6 +39,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
             executors=args.executors,
             max_running=args.max_running,
             max_step_tokens=args.max_step_tokens,
+            conversation_host_blocks=args.conversation_host_blocks,
+            block_groups=not args.no_block_groups,
+            async_swaps=not args.sync_swaps,
+            kv_reuse=not args.no_kv_reuse,
         ),
         log_dir=args.log_dir,
     )
@@ -176,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--executors", type=int, default=1)
     up.add_argument("--max-running", type=int, default=64)
     up.add_argument("--max-step-tokens", type=int, default=256)
+    up.add_argument(
+        "--conversation-host-blocks",
+        type=int,
+        default=0,
+        help="host blocks idle conversations' KV may hold (0: the whole host pool)",
+    )
+    up.add_argument("--no-block-groups", action="store_true", help="ablation: copy per block per layer")
+    up.add_argument("--sync-swaps", action="store_true", help="ablation: the step loop waits for copies")
+    up.add_argument("--no-kv-reuse", action="store_true", help="ablation: no KV kept across turns or swaps")
     up.add_argument("--log-dir", default=None, help="write each service's log here")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cmd_up)

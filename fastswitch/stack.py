@@ -32,6 +32,10 @@ class StackConfig:
     max_running: int = 64
     max_step_tokens: int = 256
     threads: int = 0
+    conversation_host_blocks: int = 0
+    block_groups: bool = True
+    async_swaps: bool = True
+    kv_reuse: bool = True
     host: str = "127.0.0.1"
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -97,8 +101,11 @@ class Stack:
                 "--model", c.model, "--policy", c.policy, "--preemption", c.preemption,
                 "--max-running", str(c.max_running), "--max-step-tokens", str(c.max_step_tokens),
                 "--priority-updates", c.priority_updates, "--priority-update-prob", str(c.priority_update_prob),
+                "--conversation-host-blocks", str(c.conversation_host_blocks),
             ],
         }  # fmt: skip
+        ablations = {"--no-block-groups": c.block_groups, "--sync-swaps": c.async_swaps, "--no-kv-reuse": c.kv_reuse}
+        cmds["scheduler"] += [flag for flag, on in ablations.items() if not on]
         if c.host_blocks > 0 and c.preemption != "recompute":
             cmds["swapd"] = [
                 py,

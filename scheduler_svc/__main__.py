@@ -28,6 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--priority-update-prob", type=float, default=float(env("FASTSWITCH_PRIORITY_UPDATE_PROB", "0"))
     )
+    parser.add_argument(
+        "--conversation-host-blocks",
+        type=int,
+        default=int(env("FASTSWITCH_CONVERSATION_HOST_BLOCKS", "0")),
+        help="host blocks that idle conversations' KV may hold (0: the whole host pool)",
+    )
+    parser.add_argument("--conversation-ttl", type=float, default=float(env("FASTSWITCH_CONVERSATION_TTL_S", "600")))
+    # Ablations: switch off one of FastSwitch's mechanisms (vllm-like preemption switches off all three).
+    parser.add_argument("--no-block-groups", action="store_true", help="copy per block per layer, as vLLM does")
+    parser.add_argument("--sync-swaps", action="store_true", help="the step loop waits for every copy to land")
+    parser.add_argument("--no-kv-reuse", action="store_true", help="no conversation KV across turns or swaps")
     parser.add_argument("--seed", type=int, default=int(env("FASTSWITCH_SEED", "0")))
     parser.add_argument("--vtc-prompt-price", type=float, default=float(env("FASTSWITCH_VTC_PROMPT_PRICE", "1")))
     parser.add_argument("--vtc-gen-price", type=float, default=float(env("FASTSWITCH_VTC_GEN_PRICE", "2")))
@@ -63,6 +74,11 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         priority_updates=args.priority_updates,
         priority_update_prob=args.priority_update_prob,
         seed=args.seed,
+        conversation_ttl_s=args.conversation_ttl,
+        conversation_host_blocks=args.conversation_host_blocks,
+        block_groups=not args.no_block_groups,
+        async_swaps=not args.sync_swaps,
+        kv_reuse=not args.no_kv_reuse,
         vtc_prompt_price=args.vtc_prompt_price,
         vtc_gen_price=args.vtc_gen_price,
         tenant_weights=_parse_weights(args.tenant_weight),

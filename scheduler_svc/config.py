@@ -25,9 +25,27 @@ class SchedulerConfig:
     priority_levels: int = 4
     seed: int = 0
     conversation_ttl_s: float = 600.0  # kept KV of an idle conversation is dropped after this
+    conversation_host_blocks: int = 0  # host blocks that kept conversation KV may hold (0: the whole host pool)
+    # FastSwitch's three mechanisms, each switchable alone (the benchmark's ablations). `vllm-like`
+    # preemption turns all three off.
+    block_groups: bool = True  # one copy per contiguous run of blocks (off: one per block per layer)
+    async_swaps: bool = True  # copies overlap compute (off: the step loop waits for them)
+    kv_reuse: bool = True  # keep conversation KV across turns and host copies across swaps
     vtc_prompt_price: float = 1.0  # VTC service per prompt token
     vtc_gen_price: float = 2.0  # VTC service per generated token
     tenant_weights: dict[str, float] = field(default_factory=dict)  # VTC weights (default 1.0)
+
+    @property
+    def copy_granularity(self) -> str:
+        return "run" if self.block_groups and self.preemption != "vllm-like" else "block_layer"
+
+    @property
+    def swaps_stall(self) -> bool:
+        return not self.async_swaps or self.preemption == "vllm-like"
+
+    @property
+    def reuse(self) -> bool:
+        return self.kv_reuse and self.preemption != "vllm-like"
 
     def validate(self) -> None:
         if self.policy not in POLICIES:
@@ -47,5 +65,7 @@ class SchedulerConfig:
             raise ValueError(f"priority update probability must be in [0, 1], got {self.priority_update_prob}")
         if self.priority_levels < 1:
             raise ValueError(f"priority levels must be >= 1, got {self.priority_levels}")
+        if self.conversation_host_blocks < 0:
+            raise ValueError(f"conversation host blocks must be >= 0, got {self.conversation_host_blocks}")
         if not self.executor_addr:
             raise ValueError("executor address is required")

@@ -258,7 +258,7 @@ class Engine:
                 sched.on_swap_done(order.swap_id, ok=False)
 
     async def _wait_swaps(self, swap_ids: set[int]) -> None:
-        """vllm-like: the step waits until these copies land (the stall this mode pays)."""
+        """Synchronous swaps (vllm-like): the step waits until these copies land, the stall that mode pays."""
         sched = self.scheduler
         assert sched is not None
         start = time.perf_counter()
@@ -310,7 +310,7 @@ class Engine:
             orders = sched.take_swap_orders()
             if orders:
                 await self._send_swaps(orders)
-                if self.config.preemption == "vllm-like":
+                if self.config.swaps_stall:
                     await self._wait_swaps({o.swap_id for o in orders})
             if plan is None:
                 stalled = bool(sched.swaps)

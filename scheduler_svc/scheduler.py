@@ -226,7 +226,7 @@ class Scheduler:
         return True
 
     def _order(self, direction: str, seq: Sequence, device: list[int], host: list[int]) -> None:
-        granularity = "block_layer" if self.config.preemption == "vllm-like" else "run"
+        granularity = self.config.copy_granularity
         order = SwapOrder(next(self._swap_ids), direction, seq, device, host, pair_runs(device, host), granularity)
         self._swap_orders.append(order)
         self.stats.counters[f"swap_{direction}_orders"] += 1
