@@ -9,6 +9,12 @@ Preemption either recomputes (drop the KV, keep the tokens) or swaps: the KV's b
 the host pool as block groups (`SwapOrder`s the engine sends to the swap daemon) while the executor
 keeps computing. Blocks under an in-flight copy are never reused until the copy lands, even if
 their request is cancelled meanwhile; a swapped request is scheduled only once its KV is back.
+
+Conversations keep their KV between turns (`KeptKV`): on the device while there is room, else
+copied ("spilled") to the host. A host copy stays valid while its tokens do not change, so a later
+copy to the host moves only the blocks written since the last one (and the partly filled block
+before them). The next turn reuses the longest common token prefix with the kept tokens, from the
+device directly or by a swap-in from the host, and prefills only the rest.
 """
 
 from __future__ import annotations
@@ -37,13 +43,18 @@ class TokenEvent:
     token_id: int
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class KeptKV:
-    """A finished turn's KV, kept on the device for the conversation's next turn."""
+    """A finished turn's KV, kept for the conversation's next turn: on the device, the host, or both."""
 
-    tokens: list[int]  # the tokens whose KV the blocks hold, in order
-    blocks: list[int]
+    key: tuple[str, str]
+    tokens: list[int]  # the tokens whose KV is kept, in order
+    blocks: list[int]  # device blocks holding all of it (empty once spilled to the host)
+    host_blocks: list[int]  # host blocks holding the KV of tokens[:host_tokens]
+    host_tokens: int
     last_used: float
+    spill: SwapOrder | None = None  # the copy to the host in flight
+    waiter: Sequence | None = None  # the next turn, waiting for that copy to land
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -54,17 +65,18 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class SwapOrder:
     """A copy the swap daemon must make: runs of (device_start, host_start, num_blocks)."""
 
     swap_id: int
     direction: str  # "out" | "in"
-    seq: Sequence
+    owner: Sequence | KeptKV  # a preempted request, or a conversation's kept KV (spilled to the host)
     device_blocks: list[int]
     host_blocks: list[int]
     runs: list[tuple[int, int, int]]
     granularity: str  # "run" (block groups) | "block_layer" (vllm-like)
+    tokens: int  # tokens whose KV the host holds once an "out" copy lands
 
 
 def pair_runs(device: list[int], host: list[int]) -> list[tuple[int, int, int]]:
@@ -118,6 +130,7 @@ class Scheduler:
         self.stats = Stats()
         # Conversations' KV between turns, least recently used first; evicted before anyone is preempted.
         self.kept: OrderedDict[tuple[str, str], KeptKV] = OrderedDict()
+        self.last_turn: dict[tuple[str, str], list[int]] = {}  # each conversation's latest finished turn
         self.host: BlockAllocator | None = None  # the swap daemon's host pool, while attached
         self.swaps: dict[int, SwapOrder] = {}  # in flight
         self._swap_orders: list[SwapOrder] = []  # decided, not yet sent
@@ -145,26 +158,32 @@ class Scheduler:
         order = self.swaps.pop(swap_id, None)
         if order is None:
             return
-        seq = order.seq
         self.stats.counters["swap_out_done" if order.direction == "out" else "swap_in_done"] += 1
+        if isinstance(order.owner, KeptKV):
+            self._spill_landed(order, ok)
+            return
+        seq = order.owner
         if order.direction == "out":
             self.allocator.free(order.device_blocks)  # the copy has landed: reusable now
             if seq.finished or not ok:
                 self._free_host(order.host_blocks)
                 if not seq.finished:
+                    self._drop_host_copy(seq)
                     self._requeue_for_recompute(seq)
                 return
-            seq.host_table = order.host_blocks
+            seq.host_table = seq.host_table + order.host_blocks
+            seq.host_tokens = order.tokens
             seq.status = Status.SWAPPED
         else:
-            self._free_host(order.host_blocks)
-            seq.host_table = []
             if seq.finished or not ok:
                 self.allocator.free(order.device_blocks)
+                self._free_host(order.host_blocks)
                 if not seq.finished:
-                    seq.block_table = []
+                    seq.block_table, seq.host_table, seq.host_tokens = [], [], 0
                     self._requeue_for_recompute(seq)
                 return
+            if not self.config.reuse:
+                self._drop_host_copy(seq)  # else it stays valid: the next swap-out moves only newer blocks
             seq.status = Status.WAITING  # KV is back on the device: schedulable
 
     def on_swap_daemon_lost(self) -> None:
@@ -175,16 +194,43 @@ class Scheduler:
             self.swaps[order.swap_id] = order
             self.on_swap_done(order.swap_id, ok=False)
         self._swap_orders = []
-        for seq in list(self.waiting):
+        for seq in self.requests.values():
             if seq.status is Status.SWAPPED:
-                seq.host_table = []
                 self._requeue_for_recompute(seq)
+            seq.host_table, seq.host_tokens = [], 0
+        for key, kept in list(self.kept.items()):
+            kept.host_blocks, kept.host_tokens = [], 0
+            if not kept.blocks:
+                del self.kept[key]
         self.host = None
         self.stats.counters["swap_daemon_lost"] += 1
 
     def _free_host(self, blocks: list[int]) -> None:
         if self.host is not None and blocks:
             self.host.free(blocks)
+
+    def _drop_host_copy(self, seq: Sequence) -> None:
+        self._free_host(seq.host_table)
+        seq.host_table, seq.host_tokens = [], 0
+
+    def _allocate_host(self, n: int, after: int | None, spare: Sequence | KeptKV) -> list[int] | None:
+        """n host blocks for `spare`'s copy; when the pool is full, idle conversations' host copies go
+        first (LRU), then the host copies of requests whose KV is on the device (they only save
+        copying later). `spare`'s own host copy stays."""
+        assert self.host is not None
+        if n == 0:
+            return []
+        while (blocks := self.host.allocate(n, after=after)) is None:
+            if self._evict_kept_host(spare):
+                continue
+            on_device = (Status.RUNNING, Status.WAITING)
+            mirrors = [s for s in self.requests.values() if s.host_table and s.status in on_device and s is not spare]
+            if not mirrors:
+                return None
+            for seq in mirrors:
+                self._drop_host_copy(seq)
+            self.stats.counters["host_copies_dropped"] += len(mirrors)
+        return blocks
 
     def _requeue_for_recompute(self, seq: Sequence) -> None:
         self.stats.counters["swap_fallback_recompute"] += 1
@@ -194,24 +240,52 @@ class Scheduler:
         if seq not in self.waiting:
             self.waiting.append(seq)
 
+    def _copy_plan(
+        self, owner: Sequence | KeptKV, num_tokens: int, host_tokens: int, host_blocks: list[int]
+    ) -> tuple[int, list[int]] | None:
+        """Which blocks a copy to the host must move, given a host copy valid for host_tokens tokens.
+
+        Returns (first block to move, host blocks to move it into), or None if the host pool is full.
+        Blocks wholly inside the valid host copy stay; a partly filled one is copied again, into the
+        host block it already has.
+        """
+        kv_blocks = -(-num_tokens // self.block_size)
+        if host_tokens >= num_tokens:
+            return kv_blocks, []
+        start = host_tokens // self.block_size
+        rewrite = host_blocks[start:kv_blocks]
+        after = (host_blocks[: start + len(rewrite)] or [None])[-1]
+        new = self._allocate_host(kv_blocks - start - len(rewrite), after, spare=owner)
+        if new is None:
+            return None
+        self.stats.counters["swap_out_blocks_saved"] += start
+        return start, rewrite + new
+
     def _swap_out(self, seq: Sequence) -> bool:
-        """Start copying seq's KV to the host; False if it cannot (no daemon, host pool full)."""
+        """Start copying seq's KV to the host; False if it cannot (no daemon, host pool full).
+
+        Only the blocks written since the last copy to the host move (see `_copy_plan`).
+        """
         if not self.swapping_enabled or seq.num_computed == 0:
             return False
-        assert self.host is not None
-        kv_blocks = -(-seq.num_computed // self.block_size)
-        host_blocks = self.host.allocate(kv_blocks)
-        if host_blocks is None:
+        plan = self._copy_plan(seq, seq.num_computed, min(seq.host_tokens, seq.num_computed), seq.host_table)
+        if plan is None:
             self.stats.counters["swap_fallback_recompute"] += 1
             return False
-        device_blocks = seq.block_table[:kv_blocks]
-        extra = seq.block_table[kv_blocks:]
-        if extra:
-            self.allocator.free(extra)
+        start, host_targets = plan
+        kv_blocks = -(-seq.num_computed // self.block_size)
+        device_copy = seq.block_table[start:kv_blocks]
+        self.allocator.free(seq.block_table[:start] + seq.block_table[kv_blocks:])  # not under any copy
+        seq.host_table = seq.host_table[:start]
+        seq.host_tokens = min(seq.host_tokens, start * self.block_size)  # the part outside the copy
         seq.block_table = []
         seq.unsent_blocks = 0
+        if not device_copy:  # the host copy is already whole
+            seq.host_tokens = seq.num_computed
+            seq.status = Status.SWAPPED
+            return True
         seq.status = Status.SWAPPING_OUT
-        self._order("out", seq, device_blocks, host_blocks)
+        self._order("out", seq, device_copy, host_targets, seq.num_computed)
         return True
 
     def _swap_in(self, seq: Sequence) -> bool:
@@ -222,14 +296,18 @@ class Scheduler:
         seq.block_table = device_blocks
         seq.unsent_blocks = len(device_blocks)
         seq.status = Status.SWAPPING_IN
-        self._order("in", seq, device_blocks, seq.host_table)
+        self._order("in", seq, device_blocks, seq.host_table, seq.host_tokens)
         return True
 
-    def _order(self, direction: str, seq: Sequence, device: list[int], host: list[int]) -> None:
+    def _order(
+        self, direction: str, owner: Sequence | KeptKV, device: list[int], host: list[int], tokens: int
+    ) -> SwapOrder:
         granularity = self.config.copy_granularity
-        order = SwapOrder(next(self._swap_ids), direction, seq, device, host, pair_runs(device, host), granularity)
+        runs = pair_runs(device, host)
+        order = SwapOrder(next(self._swap_ids), direction, owner, device, host, runs, granularity, tokens)
         self._swap_orders.append(order)
         self.stats.counters[f"swap_{direction}_orders"] += 1
+        return order
 
     # -- requests in and out ----------------------------------------------------------------------
 
@@ -238,60 +316,173 @@ class Scheduler:
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
         if seq.conversation is not None:
+            previous = self.last_turn.get(seq.conversation)
+            if previous is not None:  # how much of the prompt is history (reused or not)
+                seq.history_tokens = min(common_prefix(previous, seq.prompt_ids), seq.num_prompt - 1)
             self._reuse(seq)
 
     # -- conversations ----------------------------------------------------------------------------
 
     def _reuse(self, seq: Sequence) -> None:
-        """Start seq from its conversation's kept KV: the longest common token prefix is not recomputed."""
-        kept = self.kept.pop(seq.conversation, None)  # type: ignore[arg-type]
-        if kept is None:
+        """Start seq from its conversation's kept KV: the longest common token prefix is not recomputed.
+
+        KV on the device is taken over directly; KV on the host is swapped in first (the request is
+        queued as swapped). If the kept KV is still being copied to the host, the request waits for it.
+        """
+        assert seq.conversation is not None
+        kept = self.kept.get(seq.conversation)
+        if kept is None or not self.config.reuse:
+            self._count_prefix(seq)
             return
+        if kept.spill is not None:
+            kept.waiter = seq
+            seq.status = Status.AWAITING_KV
+            return
+        del self.kept[seq.conversation]
         # At least the last prompt token is computed again: its logits give the first new token.
         reuse = min(common_prefix(kept.tokens, seq.prompt_ids), seq.num_prompt - 1)
-        keep = -(-reuse // self.block_size)
-        self.allocator.free(kept.blocks[keep:])
-        if reuse == 0:
-            return
-        seq.block_table = kept.blocks[:keep]
+        on_host = min(kept.host_tokens, reuse)
+        host_keep = -(-on_host // self.block_size)
+        self._free_host(kept.host_blocks[host_keep:])
+        seq.host_table, seq.host_tokens = kept.host_blocks[:host_keep], on_host
+        if kept.blocks:
+            keep = -(-reuse // self.block_size)
+            self.allocator.free(kept.blocks[keep:])
+            seq.block_table = kept.blocks[:keep]
+        else:
+            reuse = on_host  # only what the host holds
+            if reuse:
+                seq.status = Status.SWAPPED
+                self.stats.counters["reused_from_host_tokens"] += reuse
         seq.num_computed = reuse
         seq.reused_tokens = reuse
         seq.prompt_served = reuse  # reused KV is service the tenant already received
         self.stats.counters["reused_prefix_tokens"] += reuse
+        self._count_prefix(seq)
+
+    def _count_prefix(self, seq: Sequence) -> None:
+        self.stats.counters["recomputed_prefix_tokens"] += max(0, seq.history_tokens - seq.reused_tokens)
 
     def _keep(self, seq: Sequence) -> None:
-        """A conversation turn ended: keep its KV on the device for the next turn."""
+        """A conversation turn ended: keep its KV (and any host copy of it) for the next turn."""
         assert seq.conversation is not None
         kv_blocks = -(-seq.num_computed // self.block_size)
         self.allocator.free(seq.block_table[kv_blocks:])
-        old = self.kept.pop(seq.conversation, None)
-        if old is not None:
-            self.allocator.free(old.blocks)
+        self.drop_conversation(seq.conversation, forget=False)
         self.kept[seq.conversation] = KeptKV(
-            seq.tokens[: seq.num_computed], seq.block_table[:kv_blocks], time.monotonic()
+            seq.conversation,
+            seq.tokens[: seq.num_computed],
+            seq.block_table[:kv_blocks],
+            seq.host_table,
+            seq.host_tokens,
+            time.monotonic(),
         )
-        seq.block_table = []
+        seq.block_table, seq.host_table, seq.host_tokens = [], [], 0
+        self._enforce_host_budget()
 
-    def drop_conversation(self, conversation: tuple[str, str]) -> bool:
+    def drop_conversation(self, conversation: tuple[str, str], forget: bool = True) -> bool:
+        """Free the KV kept for a conversation (and, with `forget`, what the scheduler knows of it)."""
+        if forget:
+            self.last_turn.pop(conversation, None)
         kept = self.kept.pop(conversation, None)
-        if kept is not None:
-            self.allocator.free(kept.blocks)
-        return kept is not None
-
-    def _evict_kept(self, now: float | None = None) -> bool:
-        """Drop the least recently used kept KV (all of it older than the TTL when `now` is given)."""
-        if not self.kept:
+        if kept is None:
             return False
-        if now is not None:
-            expired = [k for k, v in self.kept.items() if now - v.last_used > self.config.conversation_ttl_s]
-            for key in expired:
-                self.drop_conversation(key)
-                self.stats.counters["kept_kv_expired"] += 1
-            return bool(expired)
-        key = next(iter(self.kept))
-        self.drop_conversation(key)
+        self.allocator.free(kept.blocks)  # blocks under a spill are freed when it lands
+        self._free_host(kept.host_blocks)
+        kept.blocks, kept.host_blocks, kept.host_tokens = [], [], 0
+        self._wake_waiter(kept)
+        return True
+
+    def _wake_waiter(self, kept: KeptKV) -> None:
+        waiter, kept.waiter = kept.waiter, None
+        if waiter is not None and waiter.status is Status.AWAITING_KV:
+            waiter.status = Status.WAITING
+            self._reuse(waiter)
+
+    def _spill(self, kept: KeptKV) -> bool:
+        """Start copying kept KV from the device to the host (only blocks the host lacks); False if
+        it cannot (no daemon, no reuse, host budget or pool exhausted)."""
+        if not self.swapping_enabled or not self.config.reuse:
+            return False
+        budget = self.config.conversation_host_blocks or (self.host.num_blocks if self.host else 0)
+        num_tokens = len(kept.tokens)
+        new_blocks = len(kept.blocks) - min(kept.host_tokens, num_tokens) // self.block_size
+        while self._kept_host_blocks() + new_blocks > budget:
+            if not self._evict_kept_host(spare=kept):
+                return False
+        plan = self._copy_plan(kept, num_tokens, kept.host_tokens, kept.host_blocks)
+        if plan is None:
+            return False
+        start, host_targets = plan
+        device_copy = kept.blocks[start:]
+        self.allocator.free(kept.blocks[:start])
+        kept.blocks = []
+        kept.host_blocks = kept.host_blocks[:start]
+        kept.host_tokens = min(kept.host_tokens, start * self.block_size)  # the part outside the copy
+        self.stats.counters["kept_kv_spilled"] += 1
+        if device_copy:
+            kept.spill = self._order("out", kept, device_copy, host_targets, num_tokens)
+        else:
+            kept.host_tokens = num_tokens
+        return True
+
+    def _spill_landed(self, order: SwapOrder, ok: bool) -> None:
+        kept = order.owner
+        assert isinstance(kept, KeptKV)
+        kept.spill = None
+        self.allocator.free(order.device_blocks)
+        if ok and self.kept.get(kept.key) is kept:
+            kept.host_blocks = kept.host_blocks + order.host_blocks
+            kept.host_tokens = order.tokens
+            self._wake_waiter(kept)
+            self._enforce_host_budget()
+            return
+        self._free_host(order.host_blocks)
+        if self.kept.get(kept.key) is kept:
+            self.drop_conversation(kept.key, forget=False)  # wakes the waiter: it recomputes
+
+    def _kept_host_blocks(self) -> int:
+        return sum(len(k.host_blocks) for k in self.kept.values())
+
+    def _enforce_host_budget(self) -> None:
+        budget = self.config.conversation_host_blocks
+        while budget and self._kept_host_blocks() > budget and self._evict_kept_host():
+            pass
+
+    def _evict_kept_host(self, spare: Sequence | KeptKV | None = None) -> bool:
+        """Drop the least recently used idle conversation's host copy (its device copy, if any, stays)."""
+        for key, kept in self.kept.items():
+            if kept.host_blocks and kept.spill is None and kept is not spare:
+                self._free_host(kept.host_blocks)
+                kept.host_blocks, kept.host_tokens = [], 0
+                if not kept.blocks:
+                    del self.kept[key]
+                self.stats.counters["kept_kv_host_evicted"] += 1
+                return True
+        return False
+
+    def _free_kept_device(self) -> bool:
+        """Make device room from the least recently used kept KV: spill it to the host, or drop it."""
+        kept = next((k for k in self.kept.values() if k.blocks), None)
+        if kept is None:
+            return False
+        if self._spill(kept):
+            return True
+        self.allocator.free(kept.blocks)
+        kept.blocks = []
+        if not kept.host_tokens:
+            del self.kept[kept.key]
         self.stats.counters["kept_kv_evicted"] += 1
         return True
+
+    def _expire_kept(self, now: float) -> None:
+        """Drop kept KV idle for longer than the TTL (the dict is in last-use order)."""
+        while self.kept:
+            kept = next(iter(self.kept.values()))
+            if now - kept.last_used <= self.config.conversation_ttl_s or kept.spill is not None:
+                return
+            self.drop_conversation(kept.key, forget=False)
+            self.stats.counters["kept_kv_expired"] += 1
 
     def abort(self, request_id: str, reason: Finish = Finish.CANCELLED) -> Sequence | None:
         """End a live request now; returns it, or None if it is not live."""
@@ -315,7 +506,7 @@ class Scheduler:
         when none is left to preempt, the walk stops, so nobody overtakes a higher-ranked request.
         """
         self.stats.counters["priority_changes"] += self.priority_updates.apply(self.requests.values())
-        self._evict_kept(now=time.monotonic())
+        self._expire_kept(time.monotonic())
         budget = self.config.max_step_tokens
         chunks: list[ScheduledChunk] = []
         new_requests: list[NewRequest] = []
@@ -436,11 +627,11 @@ class Scheduler:
         "wait": blocks already being swapped out will cover it when their copies land, so preempting
         more would only throw work away.
         """
-        while self.allocator.num_free < needed and self._evict_kept():
-            pass
         while self.allocator.num_free < needed:
             if self.allocator.num_free + self._landing_blocks() >= needed:
                 return "wait"
+            if self._free_kept_device():  # idle conversations' KV goes before anyone is preempted
+                continue
             if not below:
                 return "no"
             self._preempt(below.pop(0))
@@ -479,15 +670,14 @@ class Scheduler:
         )
 
     def _release(self, seq: Sequence) -> None:
-        if seq.status in (Status.SWAPPING_OUT, Status.SWAPPING_IN):
-            # on_swap_done frees both sides once the copy lands (blocks are not reused before).
-            seq.block_table = []
-            seq.host_table = []
+        if seq.status is Status.SWAPPING_IN:
+            # Both tables are under the copy: on_swap_done frees them once it lands.
+            seq.block_table, seq.host_table, seq.host_tokens = [], [], 0
             seq.unsent_blocks = 0
             return
-        if seq.host_table:
-            self._free_host(seq.host_table)
-            seq.host_table = []
+        # (While swapping out, the tables hold only blocks outside the copy; the copy's own are
+        # freed when it lands.)
+        self._drop_host_copy(seq)
         if seq.block_table:
             self.allocator.free(seq.block_table)
         seq.block_table = []
@@ -519,12 +709,10 @@ class Scheduler:
             self.waiting.append(seq)
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
-        if (
-            seq.conversation is not None
-            and reason in (Finish.LENGTH, Finish.EOS, Finish.STOP)
-            and seq.status is Status.RUNNING
-        ):
-            self._keep(seq)
+        if seq.conversation is not None and reason in (Finish.LENGTH, Finish.EOS, Finish.STOP):
+            self.last_turn[seq.conversation] = seq.tokens
+            if seq.status is Status.RUNNING and self.config.reuse:
+                self._keep(seq)
         self._release(seq)
         if seq in self.running:
             self.running.remove(seq)

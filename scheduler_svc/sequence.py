@@ -15,6 +15,7 @@ class Status(enum.Enum):
     SWAPPING_OUT = "swapping_out"  # KV being copied to the host; device blocks not reusable yet
     SWAPPED = "swapped"  # KV on the host; queued
     SWAPPING_IN = "swapping_in"  # KV being copied back; not schedulable until it lands
+    AWAITING_KV = "awaiting_kv"  # a conversation's next turn, queued until the kept KV's copy to the host lands
     FINISHED = "finished"
 
 
@@ -50,12 +51,16 @@ class Sequence:
     status: Status = Status.WAITING
     finish: Finish | None = None
     block_table: list[int] = field(default_factory=list)
-    host_table: list[int] = field(default_factory=list)  # host blocks holding KV of the first num_computed tokens
+    # A host copy of the KV of tokens[:host_tokens]: the only copy while swapped out; kept beside the
+    # device copy after a swap-in (with KV reuse on) so that the next swap-out moves only newer blocks.
+    host_table: list[int] = field(default_factory=list)
+    host_tokens: int = 0
     unsent_blocks: int = 0  # trailing blocks of block_table the executor has not been told about
     executor_known: bool = False
     preemptions: int = 0
     conversation: tuple[str, str] | None = None  # (tenant, conversation id)
     reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's earlier turns
+    history_tokens: int = 0  # prompt tokens that repeat the conversation's previous turn (reused or not)
     prompt_served: int = 0  # prompt tokens counted as service once (recomputation is not service)
 
     def __post_init__(self) -> None:

@@ -15,10 +15,16 @@ EOS = 0
 
 
 class FakeExecutor:
-    """Mirrors what executor_svc keeps (block tables from diffs) and checks each plan against it."""
+    """Mirrors what executor_svc keeps (block tables from diffs) and checks each plan against it.
+
+    It also models the KV pool's contents: a chunk writes its tokens into their slots, and the token
+    it "samples" is a function of every token it reads back from the pool. So a block that was
+    swapped, reused or recomputed wrongly changes the outputs, as it would with a real model.
+    """
 
     def __init__(self) -> None:
         self.tables: dict[str, list[int]] = {}
+        self.kv: dict[int, list[int | None]] = {}  # device block -> the token whose KV each slot holds
 
     def run(self, plan: StepPlan) -> StepOutput:
         for rid in plan.released_request_ids:
@@ -31,8 +37,12 @@ class FakeExecutor:
             table.extend(chunk.new_block_ids)
             end = chunk.start_position + len(chunk.token_ids)
             assert len(table) * BLOCK >= end, "a chunk's tokens must fit the blocks it was given"
+            for pos, token in enumerate(chunk.token_ids, start=chunk.start_position):
+                self.kv.setdefault(table[pos // BLOCK], [None] * BLOCK)[pos % BLOCK] = token
+            context = [self.kv.get(table[pos // BLOCK], [None] * BLOCK)[pos % BLOCK] for pos in range(end)]
+            assert None not in context, "attention read a slot nobody wrote"
             if chunk.sample:
-                tokens.append((chunk.request_id, 1 + (end % 7)))  # deterministic, never EOS
+                tokens.append((chunk.request_id, 1 + sum((i + 1) * t for i, t in enumerate(context)) % 97))
         return StepOutput(plan.step_id, tokens)
 
 
@@ -57,7 +67,8 @@ def run_to_completion(sched: Scheduler, executor: FakeExecutor, max_steps: int =
 
 
 def assert_ownership(sched: Scheduler) -> None:
-    """Every device and host block is free, owned by exactly one request, or under one copy."""
+    """Every device and host block is free, owned exactly once (by a request or a conversation's
+    kept KV), or under one copy."""
     in_copy = [o for o in [*sched.swaps.values(), *sched._swap_orders]]
     owned = [b for s in sched.requests.values() for b in s.block_table if s.status.value not in ("swapping_in",)]
     owned += [b for o in in_copy for b in o.device_blocks]
@@ -65,10 +76,13 @@ def assert_ownership(sched: Scheduler) -> None:
     assert len(owned) == len(set(owned)), "a device block is owned twice"
     assert sched.allocator.num_free + len(owned) == sched.allocator.num_blocks
     if sched.host is not None:
-        host = [b for s in sched.requests.values() if s.status.value == "swapped" for b in s.host_table]
+        host = [b for s in sched.requests.values() if s.status.value != "swapping_in" for b in s.host_table]
         host += [b for o in in_copy for b in o.host_blocks]
+        host += [b for k in sched.kept.values() for b in k.host_blocks]
         assert len(host) == len(set(host)), "a host block is owned twice"
         assert sched.host.num_free + len(host) == sched.host.num_blocks
+    for s in sched.requests.values():
+        assert s.host_tokens <= len(s.host_table) * BLOCK
 
 
 def test_long_prompt_is_prefilled_in_chunks_within_the_step_budget() -> None:
@@ -221,13 +235,16 @@ def test_random_load_with_aborts_never_double_owns_and_frees_everything(
 
 
 class FakeSwapDaemon:
-    """Lands each copy `delay` steps after it was ordered (or fails it), like an async daemon."""
+    """Lands each copy `delay` steps after it was ordered (or fails it), like an async daemon; a
+    landed copy moves the modelled KV contents between the executor's pool and the host pool."""
 
-    def __init__(self, sched: Scheduler, delay: int = 1, fail: bool = False) -> None:
-        self.sched, self.delay, self.fail = sched, delay, fail
+    def __init__(self, sched: Scheduler, delay: int = 1, fail: bool = False, executor: FakeExecutor | None = None):
+        self.sched, self.delay, self.fail, self.executor = sched, delay, fail, executor
         self.pending: list[tuple[int, int]] = []  # (due step, swap id)
         self.step = 0
         self.copies = {"out": 0, "in": 0}
+        self.blocks = {"out": 0, "in": 0}  # blocks moved
+        self.host_kv: dict[int, list[int | None]] = {}
 
     def tick(self) -> None:
         for order in self.sched.take_swap_orders():
@@ -237,7 +254,26 @@ class FakeSwapDaemon:
         due = [sid for when, sid in self.pending if when <= self.step]
         self.pending = [(w, sid) for w, sid in self.pending if sid not in due]
         for sid in due:
-            self.sched.on_swap_done(sid, ok=not self.fail)
+            self.land(sid)
+
+    def land(self, swap_id: int) -> None:
+        order = self.sched.swaps[swap_id]
+        if not self.fail:
+            self.blocks[order.direction] += len(order.device_blocks)
+            if self.executor is not None:
+                device = self.executor.kv
+                for d, h in zip(order.device_blocks, order.host_blocks, strict=True):
+                    if order.direction == "out":
+                        self.host_kv[h] = list(device.get(d, [None] * BLOCK))
+                    else:
+                        device[d] = list(self.host_kv.get(h, [None] * BLOCK))
+        self.sched.on_swap_done(swap_id, ok=not self.fail)
+
+    def drain(self) -> None:
+        self.tick()
+        for _, sid in self.pending:
+            self.land(sid)
+        self.pending = []
 
 
 def run_with_swaps(
@@ -270,12 +306,13 @@ def test_swap_preemption_moves_kv_out_and_back_and_tokens_match_an_unpreempted_r
     alone.add(ref)
     run_to_completion(alone, ex1)
     sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
-    daemon = FakeSwapDaemon(sched, delay=2)
+    daemon = FakeSwapDaemon(sched, delay=2, executor=ex)
     seqs = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
     for s in seqs:
         sched.add(s)
     run_with_swaps(sched, ex, daemon)
-    assert daemon.copies["out"] > 0 and daemon.copies["in"] == daemon.copies["out"]
+    # A request swapped in and preempted again before computing more needs no copy out: its host copy is whole.
+    assert daemon.copies["out"] > 0 and daemon.copies["in"] >= daemon.copies["out"]
     assert sched.stats.counters["recomputed_tokens"] == 0
     assert all(s.output_ids == ref.output_ids for s in seqs)
     assert sched.allocator.num_free == 7 and sched.host is not None and sched.host.num_free == 32
@@ -283,7 +320,7 @@ def test_swap_preemption_moves_kv_out_and_back_and_tokens_match_an_unpreempted_r
 
 def test_swapped_blocks_are_not_reused_until_the_copy_lands() -> None:
     sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
-    daemon = FakeSwapDaemon(sched, delay=3)
+    daemon = FakeSwapDaemon(sched, delay=3, executor=ex)
     for i in range(4):
         sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
     for _ in range(40):
@@ -299,7 +336,7 @@ def test_swapped_blocks_are_not_reused_until_the_copy_lands() -> None:
 def test_cancel_during_swap_out_and_swap_in_frees_both_pools_once_the_copy_lands() -> None:
     for when in range(2, 14):
         sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
-        daemon = FakeSwapDaemon(sched, delay=3)
+        daemon = FakeSwapDaemon(sched, delay=3, executor=ex)
         for i in range(4):
             sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
         run_with_swaps(sched, ex, daemon, aborts={when: "r3", when + 1: "r2"})
@@ -309,7 +346,7 @@ def test_cancel_during_swap_out_and_swap_in_frees_both_pools_once_the_copy_lands
 
 def test_full_host_pool_falls_back_to_recompute_and_says_so() -> None:
     sched, ex = make_swapping(num_blocks=7, host_blocks=1), FakeExecutor()
-    daemon = FakeSwapDaemon(sched, delay=1)
+    daemon = FakeSwapDaemon(sched, delay=1, executor=ex)
     seqs = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
     for s in seqs:
         sched.add(s)
@@ -320,7 +357,7 @@ def test_full_host_pool_falls_back_to_recompute_and_says_so() -> None:
 
 def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> None:
     sched, ex = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
-    daemon = FakeSwapDaemon(sched, delay=2, fail=True)
+    daemon = FakeSwapDaemon(sched, delay=2, fail=True, executor=ex)
     seqs = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
     for s in seqs:
         sched.add(s)
@@ -328,7 +365,7 @@ def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> N
     assert sched.stats.counters["swap_fallback_recompute"] > 0
     assert all(len(s.output_ids) == 10 for s in seqs)
     sched2, ex2 = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
-    daemon2 = FakeSwapDaemon(sched2, delay=50)
+    daemon2 = FakeSwapDaemon(sched2, delay=50, executor=ex2)
     seqs2 = [seq(f"r{i}", prompt_len=3, max_tokens=10) for i in range(4)]
     for s in seqs2:
         sched2.add(s)
@@ -386,7 +423,7 @@ def test_random_priorities_swaps_and_cancels_leave_both_pools_exactly_full(
     policy: str,
 ) -> None:
     sched, ex = make_swapping(num_blocks=num_blocks, host_blocks=host_blocks, policy=policy), FakeExecutor()
-    daemon = FakeSwapDaemon(sched, delay=delay)
+    daemon = FakeSwapDaemon(sched, delay=delay, executor=ex)
     ids = []
     for i, (prompt_len, max_tokens, prio) in enumerate(requests):
         if (prompt_len + max_tokens + BLOCK - 1) // BLOCK > num_blocks:
@@ -490,3 +527,254 @@ def test_another_tenant_never_reuses_a_conversations_kv() -> None:
     sched.add(intruder)
     assert intruder.reused_tokens == 0 and intruder.num_computed == 0
     assert ("alice", "c") in sched.kept
+
+
+# -- conversations: KV kept across turns, on the device or the host ------------------------------
+
+
+def expected_output(prompt: list[int], max_tokens: int) -> list[int]:
+    """What FakeExecutor generates for a prompt when every KV slot it reads is right."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(1 + sum((i + 1) * t for i, t in enumerate(tokens)) % 97)
+    return tokens[len(prompt) :]
+
+
+def make_conversing(num_blocks: int, host_blocks: int, **config: object) -> Scheduler:
+    sched = Scheduler(
+        SchedulerConfig(max_step_tokens=16, max_running=4, **config),  # type: ignore[arg-type]
+        num_blocks=num_blocks,
+        block_size=BLOCK,
+        eos_token_ids={EOS},
+    )
+    if host_blocks:
+        sched.attach_host_pool(host_blocks)
+    return sched
+
+
+def step(sched: Scheduler, ex: FakeExecutor, daemon: FakeSwapDaemon | None) -> bool:
+    plan = sched.schedule()
+    if daemon is not None:
+        daemon.tick()
+    if plan is not None:
+        sched.on_step_output(ex.run(plan))
+    assert_ownership(sched)
+    return plan is not None or bool(sched.swaps) or sched.has_work()
+
+
+def finish(sched: Scheduler, ex: FakeExecutor, daemon: FakeSwapDaemon | None, *seqs: Sequence) -> None:
+    for s in seqs:
+        if s.request_id not in sched.requests:
+            sched.add(s)
+    for _ in range(2000):
+        if all(s.finished for s in seqs):
+            return
+        step(sched, ex, daemon)
+    raise AssertionError("no progress")
+
+
+def turn(rid: str, prompt: list[int], max_tokens: int = 5, conv: str = "c", tenant: str = "ten") -> Sequence:
+    return Sequence(rid, prompt, Sampling(), max_tokens, tenant=tenant, conversation=(tenant, conv))
+
+
+def crowd(sched: Scheduler, ex: FakeExecutor, daemon: FakeSwapDaemon | None, blocks: int, rid: str) -> None:
+    """A request that needs `blocks` blocks of the device, forcing kept KV off it."""
+    other = seq(rid, prompt_len=blocks * BLOCK - 1, max_tokens=1)
+    finish(sched, ex, daemon, other)
+    assert other.output_ids == expected_output(other.prompt_ids, 1)
+
+
+def test_kept_kv_spills_to_the_host_and_a_later_spill_moves_only_the_blocks_written_since() -> None:
+    sched, ex = make_conversing(num_blocks=16, host_blocks=64), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=2, executor=ex)
+    t1 = turn("t1", list(range(10, 40)))  # 30 prompt tokens
+    finish(sched, ex, daemon, t1)
+    n1 = 34  # tokens with KV: the prompt and 4 of the 5 generated (the last has none yet)
+    assert sched.kept[("ten", "c")].tokens == t1.tokens[:n1] and daemon.blocks["out"] == 0
+
+    crowd(sched, ex, daemon, blocks=16, rid="crowd1")  # the whole pool: the kept KV must leave the device
+    kept = sched.kept[("ten", "c")]
+    assert not kept.blocks and kept.host_tokens == n1
+    assert daemon.blocks["out"] == -(-n1 // BLOCK) == 9  # the first spill moves everything
+
+    t2 = turn("t2", t1.tokens + [90, 91, 92, 93, 94, 95])  # the history, then a new user message
+    sched.add(t2)
+    assert t2.status.value == "swapped" and t2.num_computed == n1 and t2.reused_tokens == n1
+    finish(sched, ex, daemon, t2)
+    assert t2.output_ids == expected_output(t2.prompt_ids, 5), "KV swapped back in from the host was wrong"
+    assert daemon.blocks["in"] == 9
+    n2 = len(t2.prompt_ids) + 4
+    assert sched.kept[("ten", "c")].host_tokens == n1, "the host copy of turn 1 is still valid"
+
+    out_before, saved_before = daemon.blocks["out"], sched.stats.counters["swap_out_blocks_saved"]
+    crowd(sched, ex, daemon, blocks=16, rid="crowd2")
+    # Blocks 0-7 hold turn 1's 32 tokens on the host already; block 8 (2 of its slots on the host)
+    # is copied again, with the blocks written since: 8..ceil(n2/4)-1.
+    assert daemon.blocks["out"] - out_before == -(-n2 // BLOCK) - n1 // BLOCK == 4
+    assert sched.stats.counters["swap_out_blocks_saved"] - saved_before == n1 // BLOCK == 8
+
+    t3 = turn("t3", t2.tokens + [80, 81])
+    finish(sched, ex, daemon, t3)
+    assert t3.reused_tokens == n2 and t3.output_ids == expected_output(t3.prompt_ids, 5)
+    assert sched.stats.counters["reused_from_host_tokens"] == n1 + n2
+    assert sched.drop_conversation(("ten", "c"))
+    assert sched.allocator.num_free == 16 and sched.host is not None and sched.host.num_free == 64
+
+
+def test_a_preempted_turn_swapped_back_in_moves_only_its_new_blocks_out_again() -> None:
+    sched, ex = make_conversing(num_blocks=12, host_blocks=64, policy="priority"), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=1, executor=ex)
+    low = seq("low", prompt_len=20, max_tokens=24, priority=0)  # 44 tokens: 11 blocks at the end
+    sched.add(low)
+    for _ in range(4):
+        step(sched, ex, daemon)
+    high = seq("high", prompt_len=31, max_tokens=1, priority=5)  # 8 blocks: low must go
+    finish(sched, ex, daemon, high)
+    assert low.preemptions == 1
+    first_out = daemon.blocks["out"]
+    for _ in range(100):
+        if low.status.value == "running" and low.num_computed >= low.host_tokens + 2 * BLOCK:
+            break
+        step(sched, ex, daemon)
+    computed, on_host = low.num_computed, low.host_tokens
+    assert on_host > 0, "the host copy is kept after the swap-in"
+    high2 = seq("high2", prompt_len=31, max_tokens=1, priority=5)
+    finish(sched, ex, daemon, high2)
+    assert low.preemptions == 2
+    assert daemon.blocks["out"] - first_out == -(-computed // BLOCK) - on_host // BLOCK
+    finish(sched, ex, daemon, low)
+    assert low.output_ids == expected_output(low.prompt_ids, 24)
+
+
+def test_a_turn_arriving_while_its_kv_spills_waits_for_the_copy_then_reuses_it() -> None:
+    sched, ex = make_conversing(num_blocks=16, host_blocks=64), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=50, executor=ex)
+    t1 = turn("t1", list(range(10, 30)))
+    finish(sched, ex, daemon, t1)
+    sched.add(seq("big", prompt_len=63, max_tokens=1))
+    while not sched.swaps:
+        step(sched, ex, daemon)
+    t2 = turn("t2", t1.tokens + [77])
+    sched.add(t2)
+    assert t2.status.value == "awaiting_kv"
+    daemon.drain()
+    assert t2.status.value in ("swapped", "swapping_in") and t2.reused_tokens == 24
+    finish(sched, ex, daemon, t2)
+    assert t2.output_ids == expected_output(t2.prompt_ids, 5)
+
+
+def test_the_host_budget_evicts_the_least_recently_used_conversation_which_then_recomputes() -> None:
+    sched, ex = make_conversing(num_blocks=12, host_blocks=64, conversation_host_blocks=6), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=1, executor=ex)
+    a, b = turn("a1", list(range(10, 26)), conv="a"), turn("b1", list(range(30, 46)), conv="b")  # 5 blocks each
+    finish(sched, ex, daemon, a)
+    finish(sched, ex, daemon, b)
+    crowd(sched, ex, daemon, blocks=12, rid="crowd")
+    assert sched.stats.counters["kept_kv_host_evicted"] >= 1
+    assert ("ten", "a") not in sched.kept and sched.kept[("ten", "b")].host_tokens == 20
+    a2, b2 = turn("a2", a.tokens + [5], conv="a"), turn("b2", b.tokens + [6], conv="b")
+    finish(sched, ex, daemon, a2, b2)
+    assert a2.reused_tokens == 0 and b2.reused_tokens == 20
+    # History computed again: all 21 tokens of a's turn 1, and the last token b's turn 1 generated
+    # (the last sampled token never had KV).
+    assert sched.stats.counters["recomputed_prefix_tokens"] == 21 + 1
+    assert a2.output_ids == expected_output(a2.prompt_ids, 5) and b2.output_ids == expected_output(b2.prompt_ids, 5)
+
+
+def test_kept_kv_on_the_host_is_lost_with_the_daemon_and_the_next_turn_recomputes() -> None:
+    sched, ex = make_conversing(num_blocks=12, host_blocks=64), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=1, executor=ex)
+    t1 = turn("t1", list(range(10, 26)))
+    finish(sched, ex, daemon, t1)
+    crowd(sched, ex, daemon, blocks=12, rid="crowd")
+    assert sched.kept[("ten", "c")].host_tokens == 20
+    sched.on_swap_daemon_lost()
+    assert not sched.kept
+    t2 = turn("t2", t1.tokens + [3])
+    finish(sched, ex, None, t2)
+    assert t2.reused_tokens == 0 and t2.output_ids == expected_output(t2.prompt_ids, 5)
+
+
+def test_without_kv_reuse_nothing_is_kept_and_swap_ins_drop_the_host_copy() -> None:
+    sched, ex = make_conversing(num_blocks=64, host_blocks=64, kv_reuse=False), FakeExecutor()
+    t1 = turn("t1", list(range(10, 26)))
+    finish(sched, ex, None, t1)
+    assert not sched.kept
+    t2 = turn("t2", t1.tokens + [3])
+    finish(sched, ex, None, t2)
+    assert t2.reused_tokens == 0 and sched.stats.counters["recomputed_prefix_tokens"] == 21
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(1, 9), min_size=2, max_size=4), min_size=1, max_size=4),
+    st.integers(8, 20),
+    st.sampled_from([0, 6, 24, 64]),
+    st.integers(0, 3),
+    st.sampled_from([0, 4, 12]),
+    st.sampled_from([0, 11, 23]),
+    st.data(),
+)
+def test_random_conversations_under_pressure_match_the_reference_and_free_everything(
+    conversations: list[list[int]],
+    num_blocks: int,
+    host_blocks: int,
+    delay: int,
+    budget: int,
+    filler: int,
+    data: st.DataObject,
+) -> None:
+    """Conversations of several turns, each turn sent once the last ended, with crowding requests,
+    random priority churn, copies landing late, and now and then a turn cancelled. Every turn's
+    output is what it would be alone, and once every conversation ends both pools are exactly free."""
+    sched = make_conversing(num_blocks, host_blocks, conversation_host_blocks=budget, policy="priority")
+    ex = FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=delay, executor=ex) if host_blocks else None
+    sched.priority_updates = __import__("scheduler_svc.policy", fromlist=["x"]).PriorityUpdates("random", 0.2, 4, 7)
+    history = {i: list(range(10 + 20 * i, 14 + 20 * i)) for i in range(len(conversations))}
+    live: dict[int, Sequence] = {}
+    done: list[Sequence] = []
+    pending = {i: list(turns) for i, turns in enumerate(conversations)}
+    n = 0
+    ready_at = dict.fromkeys(pending, 0)  # a user's think time between turns: kept KV may spill meanwhile
+    for clock in range(4000):
+        for i, turns in pending.items():
+            if i in live and live[i].finished:
+                s = live.pop(i)
+                done.append(s)
+                history[i] = s.tokens if s.finish is Finish.LENGTH else history[i]
+                ready_at[i] = clock + data.draw(st.sampled_from([0, 3, 12]), label="think")
+            if i not in live and turns and clock >= ready_at[i]:
+                new = turns.pop(0)
+                prompt = history[i] + list(range(60, 60 + new))
+                if -(-(len(prompt) + 3) // BLOCK) > num_blocks:
+                    turns.clear()
+                    continue
+                n += 1
+                live[i] = turn(f"c{i}-{n}", prompt, max_tokens=3, conv=str(i))
+                sched.add(live[i])
+                if filler and n % 2:
+                    other = seq(f"f{n}", prompt_len=filler, max_tokens=2)
+                    if -(-(filler + 2) // BLOCK) <= num_blocks:
+                        sched.add(other)
+                        done.append(other)
+        if live and data.draw(st.integers(0, 150), label="cancel") == 0:
+            victim = next(iter(live.values()))
+            sched.abort(victim.request_id)
+            assert_ownership(sched)
+        busy = step(sched, ex, daemon)
+        if not busy and not live and not any(pending.values()):
+            break
+    else:
+        raise AssertionError("no progress")
+    for s in done:
+        assert s.finished
+        if s.finish is Finish.LENGTH:
+            assert s.output_ids == expected_output(s.prompt_ids, s.max_tokens), s.request_id
+    if daemon is not None:
+        daemon.drain()
+    for i in range(len(conversations)):
+        sched.drop_conversation(("ten", str(i)))
+    assert_ownership(sched)
+    assert sched.allocator.num_free == num_blocks
+    assert sched.host is None or sched.host.num_free == host_blocks
