@@ -489,17 +489,30 @@ class Engine:
             "swap_stall_s": 0.0,
             "recomputed_tokens": 0,
             "reused_prefix_tokens": 0,
+            "reused_from_host_tokens": 0,
+            "recomputed_prefix_tokens": 0,
+            "swap_out_bytes_saved": 0,
+            "kept_kv_spilled": 0,
+            "kept_kv_evicted": 0,
+            "kept_kv_host_evicted": 0,
+            "kept_kv_expired": 0,
+            "swap_fallback_recompute": 0,
             "device_blocks_free": 0,
             "host_blocks_free": 0,
         }
         if sched is not None:
             counters.update({k: float(v) for k, v in sched.stats.counters.items()})
+            block_bytes = self.info.block_bytes if self.info is not None else 0
+            counters["kv_block_bytes"] = block_bytes
+            # Blocks whose host copy was still valid at a swap-out: bytes that did not move.
+            counters["swap_out_bytes_saved"] = sched.stats.counters["swap_out_blocks_saved"] * block_bytes
             counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants.values()))
             counters["device_blocks_free"] = sched.allocator.num_free
             counters["device_blocks_total"] = sched.allocator.num_blocks
             counters["swaps_in_flight"] = len(sched.swaps)
             counters["kept_conversations"] = len(sched.kept)
             counters["kept_kv_blocks"] = sum(len(k.blocks) for k in sched.kept.values())
+            counters["kept_kv_host_blocks"] = sum(len(k.host_blocks) for k in sched.kept.values())
             if sched.host is not None:
                 counters["host_blocks_free"] = sched.host.num_free
                 counters["host_blocks_total"] = sched.host.num_blocks

@@ -144,3 +144,9 @@ def stack(model_dir: str) -> Iterator[object]:
 def tiny_pool_stack(model_dir: str) -> Iterator[object]:
     """A stack whose device pool is so small that concurrent requests must be preempted."""
     yield from start_stack(device_blocks=12, host_blocks=0, max_step_tokens=64)
+
+
+@pytest.fixture(scope="session")
+def spill_stack(model_dir: str) -> Iterator[object]:
+    """A small device pool with a host pool: idle conversations' KV must move to the host."""
+    yield from start_stack(device_blocks=12, host_blocks=64, max_step_tokens=64)

@@ -112,3 +112,47 @@ def test_sdk_conversation_sends_turns_and_frees_the_kept_kv_on_exit(stack, token
         stats = _idle(client)
     assert stats["kept_conversations"] == 0
     assert stats["device_blocks_free"] == stats["device_blocks_total"]
+
+
+def test_kv_spilled_to_the_host_is_reused_and_a_later_spill_moves_only_new_blocks(
+    spill_stack, tokenizer, reference
+) -> None:
+    """Each turn's KV leaves the device for the host while other traffic runs; the next turn swaps it
+    back in. The second spill copies only the blocks written since the first (byte count exact)."""
+    block = 16
+    crowd = "Count from one to twenty:"  # 150 tokens: needs 10 of the 12 device blocks
+    messages: list[dict[str, str]] = []
+    with Client(spill_stack.addr) as client:
+        stats = _idle(client)
+        block_bytes = stats["kv_block_bytes"]
+        on_host = 0  # tokens of this conversation whose KV the host holds validly
+        for k, user in enumerate(TURNS):
+            messages.append({"role": "user", "content": user})
+            before = _idle(client)
+            answer = client.complete(user, chat=True, max_tokens=MAX_NEW, conversation_id="spill")
+            after = _idle(client)
+            prompt_ids = _history_ids(tokenizer, messages)
+            assert reference.check(prompt_ids, answer.token_ids, MAX_NEW) in ("match", "near-tie")
+            if k > 0:
+                assert answer.reused_prefix_tokens >= len(_history_ids(tokenizer, messages[:-2])), answer
+                assert after["reused_from_host_tokens"] - before["reused_from_host_tokens"] == (
+                    answer.reused_prefix_tokens
+                ), "the earlier turns' KV came back from the host"
+                on_host = answer.reused_prefix_tokens  # the host copy is valid for what was reused
+            messages.append({"role": "assistant", "content": answer.text})
+            with_kv = answer.prompt_tokens + len(answer.token_ids) - 1  # the last sampled token has no KV yet
+
+            client.complete(crowd, max_tokens=150, ignore_eos=True)  # the kept KV must leave the device
+            spilled = _idle(client)
+            assert spilled["kept_kv_spilled"] - after["kept_kv_spilled"] == 1
+            assert spilled["kept_conversations"] == 1 and spilled["kept_kv_blocks"] == 0
+            moved = -(-with_kv // block) - on_host // block
+            assert spilled["swap_out_bytes"] - after["swap_out_bytes"] == moved * block_bytes
+            assert spilled["swap_out_bytes_saved"] - after["swap_out_bytes_saved"] == on_host // block * block_bytes
+            if k > 0:
+                assert on_host // block > 0, "a later spill must find earlier blocks already on the host"
+        client.end_conversation("spill")
+        stats = _idle(client)
+        assert stats["kept_conversations"] == 0
+        assert stats["host_blocks_free"] == stats["host_blocks_total"]
+        assert stats["device_blocks_free"] == stats["device_blocks_total"]
