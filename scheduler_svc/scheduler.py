@@ -610,10 +610,21 @@ class Scheduler:
             self._finish(seq, reason)
 
     def reset_executor_state(self) -> None:
-        """The executor was lost: its KV is gone, so every running request recomputes from tokens."""
+        """The executor was lost, and the device KV with it: requests whose KV was on the device
+        recompute from tokens, and conversations keep only what the host holds."""
         self.in_flight = None
         for seq in list(self.running):
             self._preempt(seq, count=False)
+        for seq in self.waiting:
+            if seq.status is Status.WAITING and seq.block_table:  # swapped back in, or reusing kept KV
+                self.stats.counters["recomputed_tokens"] += seq.num_computed
+                self._release(seq)
+                seq.num_computed = 0
+        for kept in list(self.kept.values()):
+            self.allocator.free(kept.blocks)
+            kept.blocks = []
+            if not kept.host_tokens and kept.spill is None:
+                self.drop_conversation(kept.key, forget=False)
         self._releases = []  # the new executor knows no request: nothing to release
 
     # -- blocks -----------------------------------------------------------------------------------

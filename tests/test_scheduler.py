@@ -778,3 +778,18 @@ def test_random_conversations_under_pressure_match_the_reference_and_free_everyt
     assert_ownership(sched)
     assert sched.allocator.num_free == num_blocks
     assert sched.host is None or sched.host.num_free == host_blocks
+
+
+def test_a_lost_executor_takes_kept_and_swapped_in_kv_with_it_and_those_turns_recompute() -> None:
+    sched, ex = make_conversing(num_blocks=32, host_blocks=64), FakeExecutor()
+    t1 = turn("t1", list(range(10, 30)))
+    finish(sched, ex, None, t1)
+    assert sched.kept[("ten", "c")].blocks
+    sched.reset_executor_state()
+    ex = FakeExecutor()  # a new process: an empty pool
+    assert not sched.kept
+    t2 = turn("t2", t1.tokens + [4])
+    finish(sched, ex, None, t2)
+    assert t2.reused_tokens == 0 and t2.output_ids == expected_output(t2.prompt_ids, 5)
+    sched.drop_conversation(("ten", "c"))
+    assert sched.allocator.num_free == 32
