@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PORT ?= 50051
 PROMPT ?= What is the capital of France?
+BENCH_OUT ?= bench-results/small
 
 .PHONY: install demo test test-fast bench bench-swap proto lint clean
 
@@ -47,8 +48,12 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not model"
 
+# The issue-5 benchmark: every mode (the stack's six and transformers' continuous batching) on one
+# seeded multi-turn workload; results.json/.md, requests.json, workload.json and the CDF/throughput
+# plots land in $(BENCH_OUT) (`make bench BENCH_OUT=docs/bench-small` to keep them beside the docs).
+# Method: docs/bench-method.md.
 bench: install
-	$(PY) -m fastswitch.cli bench --preset small
+	$(PY) -m fastswitch.cli bench --preset small --out $(BENCH_OUT)
 
 bench-swap: install
 	$(PY) -m swap_daemon.bench

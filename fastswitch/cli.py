@@ -5,7 +5,7 @@ fastswitch generate "The capital of France is"      # stream a completion to std
 fastswitch chat                                      # interactive multi-turn chat
 fastswitch stats                                     # scheduler statistics as one JSON object
 fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
-fastswitch bench [--preset tiny|small|gpu]           # benchmark
+fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on one workload
 """
 
 from __future__ import annotations
@@ -215,12 +215,28 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)
 
-    bench = sub.add_parser("bench", help="benchmark the stack against baselines")
-    bench.add_argument("--preset", choices=["tiny", "small", "churn", "gpu"], default="small")
-    bench.add_argument("--modes", default=None, help="comma-separated modes")
-    bench.add_argument("--json", default=None, help="write results JSON here")
+    bench = sub.add_parser("bench", help="benchmark every mode on one multi-turn workload")
+    bench.add_argument("--preset", choices=["tiny", "small", "gpu"], default="small")
+    bench.add_argument(
+        "--modes",
+        default=None,
+        help="comma-separated, default all: fastswitch,no-groups,no-async,no-reuse,vllm-like,recompute,transformers-cb",
+    )
+    bench.add_argument("--json", default=None, help="also write the results JSON here")
     bench.add_argument("--out", default="bench-results", help="results directory")
     bench.add_argument("--addr", default=None, help="benchmark a running stack instead of starting one")
+    bench.add_argument("--workload", default=None, help="replay a saved workload.json instead of drawing one")
+    bench.add_argument("--seed", type=int, default=None, help="workload seed (default: the preset's, 0)")
+    bench.add_argument("--conversations", type=int, default=None, help="override the preset's conversation count")
+    bench.add_argument("--rate", type=float, default=None, help="override the conversation arrival rate (per s)")
+    bench.add_argument("--priority-updates", choices=["none", "random", "markov"], default=None)
+    bench.add_argument("--priority-update-prob", type=float, default=None, help="per live request, per iteration")
+    bench.add_argument("--device-blocks", type=int, default=None, help="override the preset's device KV pool")
+    bench.add_argument("--host-blocks", type=int, default=None, help="override the preset's host KV pool")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.add_argument(
+        "--stall-timeout", type=float, default=60.0, help="end a mode's replay after this long without a token"
+    )
     bench.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,1 +1,2 @@
-"""Benchmarks: peer systems measured on the same model and prompts as the FastSwitch serving stack."""
+"""Benchmarks: a seeded multi-turn workload (`workload.py`) replayed by every stack mode and by the
+`transformers` continuous-batching peer (`peer.py`) on the same model and machine (`runner.py`)."""

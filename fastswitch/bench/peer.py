@@ -3,6 +3,10 @@
 `run_transformers_cb` runs every prompt through `generate_batch` (greedy, fixed output length when
 `ignore_eos`) and times the call; `run_sequential_generate` runs plain `model.generate()` one prompt at
 a time, as the no-batching floor. Both return a `PeerResult` with the generated ids in prompt order.
+`run_transformers_cb_conversations` replays the benchmark's multi-turn workload: transformers has no
+conversations and no priorities, so turn k of every conversation runs as wave k (one closed batch on
+one persistent manager), each prompt the chat template over that conversation's history, with the
+assistant turns being the peer's own earlier outputs.
 
 Notes on the transformers API (5.x), found by reading `transformers.generation.continuous_batching`:
 
@@ -27,8 +31,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
@@ -36,6 +41,28 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 NO_EOS = -1  # a negative EOS id disables EOS in both generate_batch and generate
+
+
+@dataclass(slots=True)
+class PeerTurn:
+    """One request of a conversation replay: turn `turn` (1-based) of conversation `conversation`."""
+
+    conversation: int
+    turn: int
+    prompt_tokens: int
+    output: list[int]
+    ttft_s: float | None  # wave submission -> first token
+    tbt_s: list[float]
+    start_s: float  # wave submission, from the start of the replay
+    end_s: float  # last token
+
+
+@dataclass(slots=True)
+class PeerConversationResult:
+    turns: list[PeerTurn]  # in wave order, conversation order within a wave
+    wall_s: float  # first submission -> last token of the last wave (excludes load and warm-up)
+    generated_tokens: int
+    throughput_tok_s: float
 
 
 @dataclass(slots=True)
@@ -236,3 +263,114 @@ def run_sequential_generate(
                 tbt.extend(b - a for a, b in zip(streamer.stamps, streamer.stamps[1:], strict=False))
         wall_s = time.perf_counter() - start
     return _result(outputs, wall_s, ttft, tbt)
+
+
+def _chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
+def run_transformers_cb_conversations(
+    model_dir: str | os.PathLike,
+    tokenizer: Any,
+    conversations: list[list[tuple[str, int]]],
+    max_batch_tokens: int = 512,
+    page_size: int = 64,
+    model: torch.nn.Module | None = None,
+    on_turn: Callable[[PeerTurn], None] | None = None,
+) -> PeerConversationResult:
+    """Replay conversations (each a list of (user text, answer tokens)) as waves: turn k of all at once.
+
+    Answers are greedy with EOS ignored, exactly `answer tokens` long; the decoded answer (special
+    tokens skipped, as the FastSwitch server stores it) becomes the assistant's turn in the history of
+    the next wave. One manager serves all waves, its paged cache sized for every conversation's final
+    context at once; transformers' own prefix sharing stays at its default (on).
+    """
+    if model is None:
+        model = load_model(model_dir)
+    else:
+        _setup_torch()
+    gen_config = _generation_config(max(n for conv in conversations for _, n in conv), True, model)
+    # Upper bound of each conversation's final context: template overhead, every user turn, and every
+    # answer (re-tokenised decoded text can run a little longer than the ids it came from).
+    bounds = [
+        64 + sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) + int(1.25 * n) + 16 for text, n in conv)
+        for conv in conversations
+    ]
+    cb_config = ContinuousBatchingConfig(
+        page_size=page_size,
+        num_blocks=sum(math.ceil(b / page_size) for b in bounds) + 2,
+        max_batch_tokens=max(max_batch_tokens, page_size),
+        max_requests_per_batch=len(conversations),
+    )
+    histories: list[list[dict[str, str]]] = [[] for _ in conversations]
+    turns: list[PeerTurn] = []
+    with (
+        _quiet_transformers(),
+        model.continuous_batching_context_manager(
+            generation_config=gen_config, continuous_batching_config=cb_config, block=True, timeout=5
+        ) as manager,
+    ):
+        # warm-up: the first forward passes are slow
+        manager.add_request([0, 1, 2, 3], request_id="warmup", max_new_tokens=2, eos_token_id=NO_EOS)
+        _collect(manager, {"warmup"})
+        start = time.perf_counter()
+        for k in range(max(len(c) for c in conversations)):
+            wave = [i for i, conv in enumerate(conversations) if len(conv) > k]
+            prompts = {}
+            for i in wave:
+                histories[i].append({"role": "user", "content": conversations[i][k][0]})
+                prompts[i] = _chat_ids(tokenizer, histories[i])
+            submitted = time.perf_counter()
+            for i in wave:
+                manager.add_request(
+                    prompts[i],
+                    request_id=f"c{i}-t{k}",
+                    max_new_tokens=conversations[i][k][1],
+                    record_timestamps=True,
+                    eos_token_id=NO_EOS,
+                )
+            results = _collect(manager, {f"c{i}-t{k}" for i in wave})
+            for i in wave:
+                r = results[f"c{i}-t{k}"]
+                stamps = r.timestamps or []
+                output = list(r.generated_tokens)
+                answer = tokenizer.decode(output, skip_special_tokens=True)
+                histories[i].append({"role": "assistant", "content": answer})
+                turn = PeerTurn(
+                    conversation=i,
+                    turn=k + 1,
+                    prompt_tokens=len(prompts[i]),
+                    output=output,
+                    ttft_s=stamps[0] - submitted if stamps else None,
+                    tbt_s=[b - a for a, b in zip(stamps, stamps[1:], strict=False)],
+                    start_s=submitted - start,
+                    end_s=(stamps[-1] if stamps else time.perf_counter()) - start,
+                )
+                turns.append(turn)
+                if on_turn is not None:
+                    on_turn(turn)
+        wall_s = time.perf_counter() - start
+    n = sum(len(t.output) for t in turns)
+    return PeerConversationResult(turns, wall_s, n, n / wall_s if wall_s > 0 else 0.0)
+
+
+def _collect(manager: Any, request_ids: set[str], timeout_s: float = 600.0) -> dict[str, Any]:
+    """Wait for every request in `request_ids` to finish; raise on an error or a dead manager."""
+    results: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) < len(request_ids):
+        result = manager.get_result(timeout=1)
+        if result is None:
+            if not manager.is_running():
+                raise RuntimeError("transformers' continuous batching loop stopped unexpectedly")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"generate_batch peer: {len(request_ids) - len(results)} requests still running")
+            continue
+        if result.request_id in request_ids and result.is_finished():
+            if result.error is not None:
+                raise RuntimeError(f"transformers request {result.request_id} failed: {result.error}")
+            results[result.request_id] = result
+    return results
