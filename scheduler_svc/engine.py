@@ -306,6 +306,9 @@ class Engine:
         sched = self.scheduler
         assert sched is not None
         while True:
+            # Cleared before scheduling, never after an await: a copy landing while the orders are
+            # being sent must wake the next iteration, not be forgotten (that was a hang).
+            self._wake.clear()
             plan = sched.schedule()
             orders = sched.take_swap_orders()
             if orders:
@@ -315,7 +318,6 @@ class Engine:
             if plan is None:
                 stalled = bool(sched.swaps)
                 start = time.perf_counter()
-                self._wake.clear()
                 await self._wake.wait()
                 if stalled:
                     sched.stats.counters["swap_stall_s"] += time.perf_counter() - start

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fastswitch.common.plan import Sampling, StepOutput, StepPlan
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.scheduler import Scheduler, SwapOrder
 from scheduler_svc.sequence import Finish, Sequence
 
 BLOCK = 4
@@ -259,15 +259,18 @@ class FakeSwapDaemon:
     def land(self, swap_id: int) -> None:
         order = self.sched.swaps[swap_id]
         if not self.fail:
-            self.blocks[order.direction] += len(order.device_blocks)
-            if self.executor is not None:
-                device = self.executor.kv
-                for d, h in zip(order.device_blocks, order.host_blocks, strict=True):
-                    if order.direction == "out":
-                        self.host_kv[h] = list(device.get(d, [None] * BLOCK))
-                    else:
-                        device[d] = list(self.host_kv.get(h, [None] * BLOCK))
+            self.land_contents(order)
         self.sched.on_swap_done(swap_id, ok=not self.fail)
+
+    def land_contents(self, order: SwapOrder) -> None:
+        self.blocks[order.direction] += len(order.device_blocks)
+        if self.executor is not None:
+            device = self.executor.kv
+            for d, h in zip(order.device_blocks, order.host_blocks, strict=True):
+                if order.direction == "out":
+                    self.host_kv[h] = list(device.get(d, [None] * BLOCK))
+                else:
+                    device[d] = list(self.host_kv.get(h, [None] * BLOCK))
 
     def drain(self) -> None:
         self.tick()
