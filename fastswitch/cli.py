@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=None, service=module)
 
     bench = sub.add_parser("bench", help="benchmark every mode on one multi-turn workload")
-    bench.add_argument("--preset", choices=["tiny", "small", "gpu"], default="small")
+    bench.add_argument("--preset", choices=["tiny", "small", "reuse", "gpu"], default="small")
     bench.add_argument(
         "--modes",
         default=None,

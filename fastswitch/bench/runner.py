@@ -96,6 +96,31 @@ PRESETS: dict[str, Preset] = {
         max_running=16,
         max_step_tokens=256,
     ),
+    # Issue 4's comparison of KV reuse on and off (`--modes fastswitch,no-reuse`): long user turns
+    # (ShareGPT's input mean halved) and short answers (its output mean / 16), so that later turns
+    # carry a long history. The pool (2,048 tokens) holds about half of the conversations' final
+    # contexts: idle conversations' KV spills to the host between turns.
+    "reuse": Preset(
+        WorkloadSpec(
+            conversations=6,
+            rate_per_s=0.5,
+            max_turns=10,
+            input_mean_tokens=80.0,
+            output_mean_tokens=21.0,
+            min_input_tokens=8,
+            max_input_tokens=256,
+            min_output_tokens=4,
+            max_output_tokens=48,
+            think_mean_s=1.0,
+            tenants=3,
+            priority_updates="random",
+            priority_update_prob=0.02,
+        ),
+        device_blocks=128,
+        host_blocks=1024,
+        max_running=16,
+        max_step_tokens=256,
+    ),
     # For a GPU (not runnable on 2 CPU cores): ShareGPT's lengths unscaled, 200 conversations.
     "gpu": Preset(
         WorkloadSpec(
