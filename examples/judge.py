@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import json
 import pathlib
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,33 +29,13 @@ def load_pairs(path: pathlib.Path) -> list[JudgePair]:
     return [JudgePair.from_dict(d) for d in json.loads(path.read_text())]
 
 
-def _free_port_base() -> int:
-    """A port p such that p, p+1 and p+2 (scheduler, executor, swap daemon) are free right now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 2 < 65536 and all(_free(port + i) for i in (1, 2)):
-            return port
-    raise RuntimeError("no three free ports in a row")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 @contextlib.contextmanager
 def local_stack(model: str = "") -> Iterator[str]:
-    from fastswitch.stack import Stack, StackConfig
+    from fastswitch.stack import Stack, StackConfig, free_port_base
 
     log_dir = tempfile.mkdtemp(prefix="fastswitch-judge-")
     print(f"starting a local stack (logs in {log_dir}) ...", file=sys.stderr)
-    config = StackConfig(port=_free_port_base(), model=model, device_blocks=256, host_blocks=256)
+    config = StackConfig(port=free_port_base(), model=model, device_blocks=256, host_blocks=256)
     with Stack(config, log_dir=log_dir) as stack:
         yield stack.addr
 

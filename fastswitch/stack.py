@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,26 @@ class StackConfig:
             raise ValueError("this version drives exactly one executor (--executors 1)")
         if self.host_blocks < 0:
             raise ValueError(f"host blocks must be >= 0, got {self.host_blocks}")
+
+
+def free_port_base() -> int:
+    """A port p such that p, p+1 and p+2 (scheduler, executor, swap daemon) are free right now."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + 2 < 65536 and all(_port_free(port + i) for i in (1, 2)):
+            return port
+    raise RuntimeError("found no three consecutive free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def wait_healthy(

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
+from fastswitch.stack import free_port_base
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -30,26 +31,6 @@ PROMPTS = [
 
 # A near-tie: the reference's top-2 logit gap at the first differing position is below this.
 NEAR_TIE_LOGIT_GAP = 0.05
-
-
-def free_port_base() -> int:
-    """A port p such that p, p+1 and p+2 are free right now."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 2 < 65536 and all(_free(port + i) for i in range(3)):
-            return port
-    raise RuntimeError("no free port triple")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 @pytest.fixture(scope="session")

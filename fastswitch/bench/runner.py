@@ -22,8 +22,6 @@ import math
 import os
 import pathlib
 import platform
-import random
-import socket
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -409,31 +407,11 @@ async def replay(
     return Replay(records, wall, deltas, stalled)
 
 
-def _free_base_port() -> int:
-    """A port p with p, p+1 and p+2 free (scheduler, executor, swap daemon)."""
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 60000)
-        socks = []
-        try:
-            for port in (base, base + 1, base + 2):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no three consecutive free ports found")
-
-
 def stack_config(mode: str, preset: Preset, workload: Workload) -> Any:
-    from fastswitch.stack import StackConfig
+    from fastswitch.stack import StackConfig, free_port_base
 
     return StackConfig(
-        port=_free_base_port(),
+        port=free_port_base(),
         block_size=preset.block_size,
         device_blocks=preset.device_blocks,
         host_blocks=preset.host_blocks,
