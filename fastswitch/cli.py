@@ -40,6 +40,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
             max_running=args.max_running,
             max_step_tokens=args.max_step_tokens,
             conversation_host_blocks=args.conversation_host_blocks,
+            conversation_ttl_s=args.conversation_ttl,
             block_groups=not args.no_block_groups,
             async_swaps=not args.sync_swaps,
             kv_reuse=not args.no_kv_reuse,
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="host blocks idle conversations' KV may hold (0: the whole host pool)",
     )
+    up.add_argument("--conversation-ttl", type=float, default=600.0, help="seconds an idle conversation's KV is kept")
     up.add_argument("--no-block-groups", action="store_true", help="ablation: copy per block per layer")
     up.add_argument("--sync-swaps", action="store_true", help="ablation: the step loop waits for copies")
     up.add_argument("--no-kv-reuse", action="store_true", help="ablation: no KV kept across turns or swaps")

@@ -34,6 +34,7 @@ class StackConfig:
     max_step_tokens: int = 256
     threads: int = 0
     conversation_host_blocks: int = 0
+    conversation_ttl_s: float = 600.0
     block_groups: bool = True
     async_swaps: bool = True
     kv_reuse: bool = True
@@ -123,6 +124,7 @@ class Stack:
                 "--max-running", str(c.max_running), "--max-step-tokens", str(c.max_step_tokens),
                 "--priority-updates", c.priority_updates, "--priority-update-prob", str(c.priority_update_prob),
                 "--conversation-host-blocks", str(c.conversation_host_blocks),
+                "--conversation-ttl", str(c.conversation_ttl_s),
             ],
         }  # fmt: skip
         ablations = {"--no-block-groups": c.block_groups, "--sync-swaps": c.async_swaps, "--no-kv-reuse": c.kv_reuse}
