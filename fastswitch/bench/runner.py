@@ -258,7 +258,7 @@ def summarise(records: list[RequestRecord], wall_s: float, counters: dict[str, f
         out["tenants"][tenant] = {
             "requests": len(mine),
             "generated_tokens": sum(r.tokens for r in mine),
-            **{k: v for k, v in percentiles([r.ttft_s for r in mine if r.ttft_s is not None], "ttft").items()},
+            **percentiles([r.ttft_s for r in mine if r.ttft_s is not None], "ttft"),
         }
     return out
 
