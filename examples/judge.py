@@ -31,11 +31,11 @@ def load_pairs(path: pathlib.Path) -> list[JudgePair]:
 
 @contextlib.contextmanager
 def local_stack(model: str = "") -> Iterator[str]:
-    from fastswitch.stack import Stack, StackConfig, free_port_base
+    from svc_common.stack import Stack, StackConfig, free_port_base
 
     log_dir = tempfile.mkdtemp(prefix="fastswitch-judge-")
     print(f"starting a local stack (logs in {log_dir}) ...", file=sys.stderr)
-    config = StackConfig(port=free_port_base(), model=model, device_blocks=256, host_blocks=256)
+    config = StackConfig.build(port=free_port_base(), model=model, device_blocks=256, host_blocks=256)
     with Stack(config, log_dir=log_dir) as stack:
         yield stack.addr
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from svc_common.settings import setting
+
 
 @dataclass(slots=True)
 class ExecutorConfig:
-    model: str = ""  # HF directory or GGUF file; empty = default SmolLM2-135M-Instruct
-    port: int = 50052
-    block_size: int = 16
-    num_blocks: int = 1024
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    threads: int = 0  # torch intra-op threads; 0 = all cores
+    port: int = setting(50052, env="FASTSWITCH_EXECUTOR_PORT", help="executor port")
+    model: str = setting("", env="FASTSWITCH_MODEL", help="HF directory or GGUF file (empty: SmolLM2-135M-Instruct)")
+    block_size: int = setting(16, env="FASTSWITCH_BLOCK_SIZE", help="tokens per KV block (a power of two)")
+    device_blocks: int = setting(1024, env="FASTSWITCH_DEVICE_BLOCKS", help="blocks in the device KV pool")
+    device: str = setting("auto", env="FASTSWITCH_DEVICE", help="auto | cpu | cuda | cuda:N")
+    threads: int = setting(0, env="FASTSWITCH_THREADS", help="torch intra-op threads on CPU (0: all cores)")
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block size must be a positive power of two, got {self.block_size}")
-        if self.num_blocks <= 0:
-            raise ValueError(f"device blocks must be > 0, got {self.num_blocks}")
+        if self.device_blocks <= 0:
+            raise ValueError(f"device blocks must be > 0, got {self.device_blocks}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port out of range: {self.port}")
         if self.threads < 0:

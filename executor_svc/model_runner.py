@@ -19,8 +19,8 @@ from executor_svc.config import ExecutorConfig
 from executor_svc.kv_pool import KVPool
 from executor_svc.paged_attention import PrefillSegment, StepAttention
 from executor_svc.sampler import sample
-from fastswitch.common.model_source import resolve_model
-from fastswitch.common.plan import Sampling, StepOutput, StepPlan
+from svc_common.model_source import resolve_model
+from svc_common.plan import Sampling, StepOutput, StepPlan
 
 log = structlog.get_logger(__name__)
 
@@ -60,7 +60,7 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = config.block_size
         self.pool = KVPool(
-            config.num_blocks,
+            config.device_blocks,
             self.num_layers,
             config.block_size,
             self.num_kv_heads,
@@ -76,7 +76,7 @@ class ModelRunner:
             layers=self.num_layers,
             kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            blocks=config.num_blocks,
+            blocks=config.device_blocks,
             block_bytes=self.pool.block_bytes,
         )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fastswitch.common.plan import Sampling
+from svc_common.plan import Sampling
 
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
 

@@ -9,9 +9,9 @@ import grpc
 import structlog
 
 from executor_svc.model_runner import ModelRunner
-from fastswitch.common.errors import FailedPrecondition
-from fastswitch.common.plan import StepPlan
 from fastswitch.v1 import executor_pb2, executor_pb2_grpc
+from svc_common.errors import FailedPrecondition
+from svc_common.plan import StepPlan
 
 log = structlog.get_logger(__name__)
 

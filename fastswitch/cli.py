@@ -21,32 +21,16 @@ from fastswitch.client import DEFAULT_ADDR, Client, FastSwitchError
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from fastswitch.common.logs import configure_logging
-    from fastswitch.stack import Stack, StackConfig
+    from svc_common.logs import configure_logging
+    from svc_common.stack import Stack, StackConfig
 
     configure_logging("fastswitch-up")
-    stack = Stack(
-        StackConfig(
-            port=args.port,
-            model=args.model,
-            block_size=args.block_size,
-            device_blocks=args.device_blocks,
-            host_blocks=args.host_blocks,
-            policy=args.policy,
-            preemption=args.preemption,
-            priority_updates=args.priority_updates,
-            priority_update_prob=args.priority_update_prob,
-            executors=args.executors,
-            max_running=args.max_running,
-            max_step_tokens=args.max_step_tokens,
-            conversation_host_blocks=args.conversation_host_blocks,
-            conversation_ttl_s=args.conversation_ttl,
-            block_groups=not args.no_block_groups,
-            async_swaps=not args.sync_swaps,
-            kv_reuse=not args.no_kv_reuse,
-        ),
-        log_dir=args.log_dir,
-    )
+    try:
+        config = StackConfig.from_args(args)
+    except ValueError as err:
+        print(f"fastswitch up: error: {err}", file=sys.stderr)
+        return 2
+    stack = Stack(config, log_dir=args.log_dir)
     # A plain flag: a signal handler must not take locks (Event.set would deadlock against wait()).
     stop = {"requested": False}
 
@@ -142,7 +126,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fastswitch.bench.runner import main as bench_main
+    from fastswitch_bench.runner import main as bench_main
 
     return bench_main(args)
 
@@ -168,29 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="start scheduler, executor and swap daemon locally")
-    up.add_argument("--port", type=int, default=50051, help="scheduler port (executor +1, swap daemon +2)")
-    up.add_argument("--model", default="", help="HF directory or GGUF file (default: SmolLM2-135M-Instruct)")
-    up.add_argument("--block-size", type=int, default=16)
-    up.add_argument("--device-blocks", type=int, default=1024)
-    up.add_argument("--host-blocks", type=int, default=4096, help="host swap pool blocks (0: no swap daemon)")
-    up.add_argument("--policy", choices=["fcfs", "priority", "vtc"], default="fcfs")
-    up.add_argument("--preemption", choices=["swap", "recompute", "vllm-like"], default="swap")
-    up.add_argument("--priority-updates", choices=["none", "random", "markov"], default="none")
-    up.add_argument("--priority-update-prob", type=float, default=0.0)
-    up.add_argument("--executors", type=int, default=1)
-    up.add_argument("--max-running", type=int, default=64)
-    up.add_argument("--max-step-tokens", type=int, default=256)
-    up.add_argument(
-        "--conversation-host-blocks",
-        type=int,
-        default=0,
-        help="host blocks idle conversations' KV may hold (0: the whole host pool)",
+    up = sub.add_parser(
+        "up",
+        help="start scheduler, executor and swap daemon locally",
+        description="Start the scheduler, executor and swap daemon as local processes (executor on --port+1, "
+        "swap daemon on --port+2); print a line with 'ready' once all are healthy; SIGINT/SIGTERM stops them.",
     )
-    up.add_argument("--conversation-ttl", type=float, default=600.0, help="seconds an idle conversation's KV is kept")
-    up.add_argument("--no-block-groups", action="store_true", help="ablation: copy per block per layer")
-    up.add_argument("--sync-swaps", action="store_true", help="ablation: the step loop waits for copies")
-    up.add_argument("--no-kv-reuse", action="store_true", help="ablation: no KV kept across turns or swaps")
+    from svc_common.stack import StackConfig
+
+    StackConfig.add_arguments(up)
     up.add_argument("--log-dir", default=None, help="write each service's log here")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cmd_up)

@@ -2,38 +2,84 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from svc_common.settings import setting
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
 PRIORITY_UPDATES = ("none", "random", "markov")
 
 
+def _tenant_weight(item: str) -> tuple[str, float]:
+    name, sep, value = item.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"tenant weight {item!r} must look like TENANT=WEIGHT")
+    return name.strip(), float(value)
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
-    port: int = 50051
-    executor_addr: str = "localhost:50052"
-    swapd_addr: str = ""  # empty: no swap daemon (preemption recomputes)
-    model: str = ""  # for the tokenizer: same value as the executor's --model
-    policy: str = "fcfs"
-    preemption: str = "swap"
-    max_running: int = 64  # batch-size cap: requests in the running set
-    max_step_tokens: int = 256  # token budget per step (decodes + prefill chunks)
-    executor_timeout_s: float = 120.0  # fail live requests if no executor for this long
-    priority_updates: str = "none"  # the paper's run-time priority changes: none | random | markov
-    priority_update_prob: float = 0.0  # per live request, per iteration
-    priority_levels: int = 4
-    seed: int = 0
-    conversation_ttl_s: float = 600.0  # kept KV of an idle conversation is dropped after this
-    conversation_host_blocks: int = 0  # host blocks that kept conversation KV may hold (0: the whole host pool)
+    port: int = setting(50051, env="FASTSWITCH_PORT", help="client API port")
+    executor_addr: str = setting(
+        "localhost:50052", flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", help="executor HOST:PORT"
+    )
+    swapd_addr: str = setting(
+        "", flag="--swapd", env="FASTSWITCH_SWAPD_ADDR",
+        help="swap daemon HOST:PORT (empty: none; preemption recomputes)",
+    )  # fmt: skip
+    model: str = setting(
+        "", env="FASTSWITCH_MODEL", help="HF directory or GGUF file (empty: SmolLM2-135M-Instruct); the executor's too"
+    )
+    policy: str = setting("fcfs", env="FASTSWITCH_POLICY", choices=POLICIES, help="queue order")
+    preemption: str = setting(
+        "swap", env="FASTSWITCH_PREEMPTION", choices=PREEMPTION_MODES, help="what happens to a preempted request's KV"
+    )
+    max_running: int = setting(64, env="FASTSWITCH_MAX_RUNNING", help="batch-size cap: requests in the running set")
+    max_step_tokens: int = setting(
+        256, env="FASTSWITCH_MAX_STEP_TOKENS", help="token budget per step (decodes + prefill chunks)"
+    )
+    executor_timeout_s: float = setting(
+        120.0, flag="--executor-timeout", env="FASTSWITCH_EXECUTOR_TIMEOUT_S",
+        help="seconds without an executor before live requests fail",
+    )  # fmt: skip
+    priority_updates: str = setting(
+        "none", env="FASTSWITCH_PRIORITY_UPDATES", choices=PRIORITY_UPDATES,
+        help="the paper's run-time priority changes",
+    )  # fmt: skip
+    priority_update_prob: float = setting(
+        0.0, env="FASTSWITCH_PRIORITY_UPDATE_PROB", help="per live request, per iteration"
+    )
+    priority_levels: int = setting(4, env="FASTSWITCH_PRIORITY_LEVELS", help="priorities the update driver draws from")
+    seed: int = setting(0, env="FASTSWITCH_SEED", help="seed of the priority-update driver")
+    conversation_ttl_s: float = setting(
+        600.0, flag="--conversation-ttl", env="FASTSWITCH_CONVERSATION_TTL_S",
+        help="seconds an idle conversation's KV and history are kept",
+    )  # fmt: skip
+    conversation_host_blocks: int = setting(
+        0, env="FASTSWITCH_CONVERSATION_HOST_BLOCKS",
+        help="host blocks that idle conversations' KV may hold (0: the whole host pool)",
+    )  # fmt: skip
     # FastSwitch's three mechanisms, each switchable alone (the benchmark's ablations). `vllm-like`
     # preemption turns all three off.
-    block_groups: bool = True  # one copy per contiguous run of blocks (off: one per block per layer)
-    async_swaps: bool = True  # copies overlap compute (off: the step loop waits for them)
-    kv_reuse: bool = True  # keep conversation KV across turns and host copies across swaps
-    vtc_prompt_price: float = 1.0  # VTC service per prompt token
-    vtc_gen_price: float = 2.0  # VTC service per generated token
-    tenant_weights: dict[str, float] = field(default_factory=dict)  # VTC weights (default 1.0)
+    block_groups: bool = setting(
+        True, flag="--no-block-groups", negate=True, env="FASTSWITCH_NO_BLOCK_GROUPS",
+        help="ablation: one copy per block per layer instead of one per contiguous run of blocks",
+    )  # fmt: skip
+    async_swaps: bool = setting(
+        True, flag="--sync-swaps", negate=True, env="FASTSWITCH_SYNC_SWAPS",
+        help="ablation: the step loop waits for every copy to land",
+    )  # fmt: skip
+    kv_reuse: bool = setting(
+        True, flag="--no-kv-reuse", negate=True, env="FASTSWITCH_NO_KV_REUSE",
+        help="ablation: no conversation KV across turns, no host copies across swaps",
+    )  # fmt: skip
+    vtc_prompt_price: float = setting(1.0, env="FASTSWITCH_VTC_PROMPT_PRICE", help="VTC service per prompt token")
+    vtc_gen_price: float = setting(2.0, env="FASTSWITCH_VTC_GEN_PRICE", help="VTC service per generated token")
+    tenant_weights: dict[str, float] = setting(
+        default_factory=dict, flag="--tenant-weight", env="FASTSWITCH_TENANT_WEIGHTS", item=_tenant_weight,
+        metavar="TENANT=WEIGHT", help="VTC weight of a tenant (default 1)",
+    )  # fmt: skip
 
     @property
     def copy_granularity(self) -> str:
@@ -48,6 +94,8 @@ class SchedulerConfig:
         return self.kv_reuse and self.preemption != "vllm-like"
 
     def validate(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port out of range: {self.port}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.preemption not in PREEMPTION_MODES:

@@ -19,20 +19,20 @@ from typing import Any
 import grpc
 import structlog
 
-from fastswitch.common.errors import (
+from fastswitch.v1 import executor_pb2, executor_pb2_grpc, swap_pb2, swap_pb2_grpc
+from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.detokenizer import Detokenizer
+from scheduler_svc.scheduler import Scheduler, SwapOrder
+from scheduler_svc.sequence import Finish, Sequence
+from svc_common.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFoundError,
     ResourceExhaustedError,
     Unavailable,
 )
-from fastswitch.common.plan import Sampling, StepOutput
-from fastswitch.common.server import CHANNEL_OPTIONS
-from fastswitch.v1 import executor_pb2, executor_pb2_grpc, swap_pb2, swap_pb2_grpc
-from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.detokenizer import Detokenizer
-from scheduler_svc.scheduler import Scheduler, SwapOrder
-from scheduler_svc.sequence import Finish, Sequence
+from svc_common.plan import Sampling, StepOutput
+from svc_common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
 

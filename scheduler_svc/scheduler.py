@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from fastswitch.common.plan import NewRequest, ScheduledChunk, StepOutput, StepPlan
 from scheduler_svc.block_manager import BlockAllocator
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.policy import Policy, PriorityUpdates, make_policy
 from scheduler_svc.sequence import Finish, Sequence, Status
+from svc_common.plan import NewRequest, ScheduledChunk, StepOutput, StepPlan
 
 log = structlog.get_logger(__name__)
 

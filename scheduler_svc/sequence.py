@@ -6,7 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from fastswitch.common.plan import Sampling
+from svc_common.plan import Sampling
 
 
 class Status(enum.Enum):

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from fastswitch.common.plan import Sampling
 from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
 from scheduler_svc.engine import Engine, GenerateInput
 from scheduler_svc.sequence import Finish
+from svc_common.plan import Sampling
 
 log = structlog.get_logger(__name__)
 

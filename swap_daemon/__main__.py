@@ -2,32 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 
-from fastswitch.common.logs import configure_logging, get_logger
-from fastswitch.common.server import ServiceHost
 from fastswitch.v1 import swap_pb2, swap_pb2_grpc
-from swap_daemon.config import BACKENDS, SwapDaemonConfig
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    env = os.environ.get
-    parser.add_argument("--port", type=int, default=int(env("FASTSWITCH_SWAPD_PORT", "50053")))
-    parser.add_argument(
-        "--host-blocks",
-        type=int,
-        default=int(env("FASTSWITCH_HOST_BLOCKS", "4096")),
-        help="blocks in the host swap pool (its bytes follow the executor's block size)",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=int(env("FASTSWITCH_SWAPD_WORKERS", "2")),
-        help="memcpy threads (cpu) or copy streams (cuda)",
-    )
-    parser.add_argument("--backend", choices=BACKENDS, default=env("FASTSWITCH_SWAPD_BACKEND", "auto"))
+from svc_common.logs import configure_logging, get_logger
+from svc_common.server import ServiceHost
+from svc_common.settings import run_parser
+from swap_daemon.config import SwapDaemonConfig
 
 
 async def serve(config: SwapDaemonConfig) -> None:
@@ -56,16 +37,8 @@ async def serve(config: SwapDaemonConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fastswitch swapd", description=__doc__)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+    config = run_parser("fastswitch swapd", __doc__, SwapDaemonConfig, argv)
     configure_logging("swap_daemon")
-    try:
-        config = SwapDaemonConfig(
-            port=args.port, host_blocks=args.host_blocks, workers=args.workers, backend=args.backend
-        )
-    except ValueError as exc:
-        parser.error(str(exc))
     asyncio.run(serve(config))
 
 

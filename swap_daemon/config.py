@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from svc_common.settings import setting
+
 BACKENDS = ("auto", "cpu", "cuda")
 
 
 @dataclass(slots=True)
 class SwapDaemonConfig:
-    port: int = 50053
-    host_blocks: int = 4096  # blocks in the host pool; its bytes are fixed by the first Attach
-    workers: int = 2  # memcpy threads (cpu) or copy streams (cuda)
-    backend: str = "auto"  # auto | cpu | cuda
+    port: int = setting(50053, env="FASTSWITCH_SWAPD_PORT", help="swap daemon port")
+    host_blocks: int = setting(
+        4096, env="FASTSWITCH_HOST_BLOCKS",
+        help="blocks in the host swap pool (their bytes follow the executor's block size)",
+    )  # fmt: skip
+    workers: int = setting(2, env="FASTSWITCH_SWAPD_WORKERS", help="memcpy threads (cpu) or copy streams (cuda)")
+    backend: str = setting("auto", env="FASTSWITCH_SWAPD_BACKEND", choices=BACKENDS, help="copy engine")
 
     def __post_init__(self) -> None:
         self.validate()

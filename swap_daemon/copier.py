@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from fastswitch.common.errors import FailedPrecondition, InvalidArgument
+from svc_common.errors import FailedPrecondition, InvalidArgument
 from swap_daemon import pools
 
 log = structlog.get_logger(__name__)

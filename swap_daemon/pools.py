@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fastswitch.common.errors import InvalidArgument
+from svc_common.errors import InvalidArgument
 
 CUDA_IPC_HANDLE_BYTES = 64
 

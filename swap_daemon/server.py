@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import structlog
 
-from fastswitch.common.errors import InvalidArgument, Unavailable
 from fastswitch.v1 import swap_pb2, swap_pb2_grpc
+from svc_common.errors import InvalidArgument, Unavailable
 from swap_daemon.copier import (
     AttachSpec,
     BlockRun,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from fastswitch.stack import free_port_base
+from svc_common.stack import free_port_base
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -35,7 +35,7 @@ NEAR_TIE_LOGIT_GAP = 0.05
 
 @pytest.fixture(scope="session")
 def model_dir() -> str:
-    from fastswitch.common.model_source import resolve_model
+    from svc_common.model_source import resolve_model
 
     return str(resolve_model(None))
 
@@ -100,9 +100,9 @@ def reference(model_dir: str, tokenizer) -> Reference:  # noqa: ANN001
 
 
 def start_stack(**overrides: object) -> Iterator[object]:
-    from fastswitch.stack import Stack, StackConfig
+    from svc_common.stack import Stack, StackConfig
 
-    config = StackConfig(port=free_port_base(), **overrides)  # type: ignore[arg-type]
+    config = StackConfig.build(port=free_port_base(), **overrides)
     log_dir = tempfile.mkdtemp(prefix="fastswitch-test-")
     stack = Stack(config, log_dir=log_dir)
     stack.start(timeout_s=300)

@@ -18,8 +18,8 @@ MAX_NEW = 8
 @pytest.fixture(scope="module")
 def setup():
     transformers = pytest.importorskip("transformers")
-    from fastswitch.bench.peer import load_model
-    from fastswitch.common.model_source import resolve_model
+    from fastswitch_bench.peer import load_model
+    from svc_common.model_source import resolve_model
 
     try:
         model_dir = resolve_model(None)
@@ -31,7 +31,7 @@ def setup():
 
 
 def test_cb_matches_sequential_generate(setup):
-    from fastswitch.bench.peer import run_sequential_generate, run_transformers_cb
+    from fastswitch_bench.peer import run_sequential_generate, run_transformers_cb
 
     model_dir, prompts, model = setup
     cb = run_transformers_cb(model_dir, prompts, MAX_NEW, ignore_eos=True, model=model)
@@ -48,7 +48,7 @@ def test_cb_matches_sequential_generate(setup):
 
 
 def test_cb_loads_model_itself_and_keeps_prompt_order(setup):
-    from fastswitch.bench.peer import run_transformers_cb
+    from fastswitch_bench.peer import run_transformers_cb
 
     model_dir, prompts, _ = setup
     # reversed order, no warm-up, model loaded from the directory: outputs follow the prompts
@@ -58,7 +58,7 @@ def test_cb_loads_model_itself_and_keeps_prompt_order(setup):
 
 
 def test_conversation_waves_replay_the_peers_own_history_and_match_generate(setup):
-    from fastswitch.bench.peer import _chat_ids, run_sequential_generate, run_transformers_cb_conversations
+    from fastswitch_bench.peer import _chat_ids, run_sequential_generate, run_transformers_cb_conversations
 
     model_dir, _, model = setup
     tok = pytest.importorskip("transformers").AutoTokenizer.from_pretrained(model_dir)

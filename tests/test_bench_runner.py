@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fastswitch.bench.runner import (
+from fastswitch_bench.runner import (
     ALL_MODES,
     PRESETS,
     RATIO_KEYS,
@@ -24,7 +24,7 @@ from fastswitch.bench.runner import (
     summarise,
     write_json,
 )
-from fastswitch.bench.workload import generate
+from fastswitch_bench.workload import generate
 
 CONTRACT_KEYS = {
     "ttft_p50", "ttft_p95", "ttft_p99", "ttft_p999", "tbt_p50", "tbt_p95", "tbt_p99", "tbt_p999",
@@ -148,7 +148,7 @@ def test_each_stack_mode_switches_exactly_its_own_mechanism() -> None:
     workload = generate(preset.workload)
 
     def flags(mode: str) -> tuple:
-        c = stack_config(mode, preset, workload)
+        c = stack_config(mode, preset, workload).scheduler
         return c.preemption, c.block_groups, c.async_swaps, c.kv_reuse
 
     assert flags("fastswitch") == ("swap", True, True, True)
@@ -158,12 +158,12 @@ def test_each_stack_mode_switches_exactly_its_own_mechanism() -> None:
     assert flags("vllm-like")[0] == "vllm-like"
     assert flags("recompute")[0] == "recompute"
     c = stack_config("fastswitch", preset, workload)
-    assert (c.policy, c.priority_updates, c.priority_update_prob) == (
+    assert (c.scheduler.policy, c.scheduler.priority_updates, c.scheduler.priority_update_prob) == (
         "priority",
         preset.workload.priority_updates,
         preset.workload.priority_update_prob,
     )
-    assert c.device_blocks == preset.device_blocks
+    assert c.executor.device_blocks == preset.device_blocks
 
 
 def test_small_preset_pool_cannot_hold_the_live_conversations() -> None:
@@ -201,6 +201,6 @@ def test_tiny_preset_runs_two_modes_and_writes_every_output(tmp_path) -> None:
         assert (tmp_path / name).stat().st_size > 1000, name
     assert markdown(results) == (tmp_path / "results.md").read_text()
     # the saved workload replays exactly (the next run's workload.json is the same file)
-    from fastswitch.bench.workload import Workload
+    from fastswitch_bench.workload import Workload
 
     assert Workload.load(tmp_path / "workload.json").num_requests == saved["workload"]["summary"]["requests"]

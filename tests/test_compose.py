@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from fastswitch import Client
-from fastswitch.stack import wait_healthy
+from svc_common.stack import wait_healthy
 from tests.conftest import free_port_base
 
 pytestmark = pytest.mark.model
@@ -78,3 +78,16 @@ def test_every_compose_service_command_runs_locally_and_answers(model_dir) -> No
                 p.wait(15)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def test_compose_sets_only_variables_its_services_read() -> None:
+    from executor_svc.config import ExecutorConfig
+    from scheduler_svc.config import SchedulerConfig
+    from svc_common.settings import env_names
+    from swap_daemon.config import SwapDaemonConfig
+
+    reads = {"scheduler": SchedulerConfig, "executor": ExecutorConfig, "swapd": SwapDaemonConfig}
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name, spec in services.items():
+        unknown = set(spec.get("environment") or {}) - env_names(reads[name])
+        assert not unknown, f"compose sets {sorted(unknown)} on {name}, which reads none of them"

@@ -7,11 +7,11 @@ import asyncio
 
 from test_scheduler import BLOCK, FakeExecutor, FakeSwapDaemon, expected_output, seq
 
-from fastswitch.common.plan import StepPlan
 from fastswitch.v1 import swap_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import Engine
 from scheduler_svc.scheduler import Scheduler
+from svc_common.plan import StepPlan
 
 
 class _Executor:

@@ -69,7 +69,7 @@ def test_outputs_match_generate_under_heavy_preemption_and_priority_flips(mode_s
     results = asyncio.run(_run_with_priority_flips(mode_stack.addr, prompts, seed=1))
     with Client(mode_stack.addr) as client:
         stats = _wait_idle(client)
-    mode = mode_stack.config.preemption
+    mode = mode_stack.config.scheduler.preemption
     assert stats["preemptions"] >= 2 * N_PROMPTS, stats
     assert stats["priority_changes"] > 0
     if mode == "recompute":

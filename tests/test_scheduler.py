@@ -5,10 +5,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastswitch.common.plan import Sampling, StepOutput, StepPlan
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.scheduler import Scheduler, SwapOrder
 from scheduler_svc.sequence import Finish, Sequence
+from svc_common.plan import Sampling, StepOutput, StepPlan
 
 BLOCK = 4
 EOS = 0

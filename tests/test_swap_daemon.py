@@ -20,9 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastswitch.common.errors import FailedPrecondition, InvalidArgument
-from fastswitch.common.server import ServiceHost
 from fastswitch.v1 import swap_pb2, swap_pb2_grpc
+from svc_common.errors import FailedPrecondition, InvalidArgument
+from svc_common.server import ServiceHost
 from swap_daemon import pools
 from swap_daemon.config import SwapDaemonConfig
 from swap_daemon.copier import (
@@ -272,22 +272,6 @@ def test_any_valid_command_round_trips(shared_engine: tuple[ShmPool, CpuCopyEngi
 def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         SwapDaemonConfig(**kwargs)  # type: ignore[arg-type]
-
-
-def test_cli_flags_default_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import argparse
-
-    from swap_daemon.__main__ import add_arguments
-
-    monkeypatch.setenv("FASTSWITCH_SWAPD_PORT", "51111")
-    monkeypatch.setenv("FASTSWITCH_HOST_BLOCKS", "77")
-    monkeypatch.setenv("FASTSWITCH_SWAPD_WORKERS", "3")
-    monkeypatch.setenv("FASTSWITCH_SWAPD_BACKEND", "cpu")
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args([])
-    assert (args.port, args.host_blocks, args.workers, args.backend) == (51111, 77, 3, "cpu")
-    assert parser.parse_args(["--workers", "1"]).workers == 1
 
 
 def test_auto_backend_falls_back_to_cpu_without_a_gpu() -> None:

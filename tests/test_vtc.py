@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from fastswitch.common.plan import StepPlan
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.policy import FCFS, Policy, make_policy
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Sequence, Status
 from scheduler_svc.vtc import TenantService, VirtualTokenCounter
+from svc_common.plan import StepPlan
 from tests.test_scheduler import BLOCK, EOS, FakeExecutor, assert_ownership, seq
 
 PROMPT_PRICE, GEN_PRICE = 1.0, 2.0

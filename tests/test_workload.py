@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from fastswitch.bench.runner import PRESETS
-from fastswitch.bench.workload import (
+from fastswitch_bench.runner import PRESETS
+from fastswitch_bench.workload import (
     SHAREGPT_MEAN_TURNS,
     Workload,
     cut_text,
@@ -142,8 +142,8 @@ def test_a_file_of_another_format_is_rejected(tmp_path) -> None:
 @pytest.mark.model
 def test_prompt_lengths_are_exact_with_the_models_tokenizer() -> None:
     transformers = pytest.importorskip("transformers")
-    from fastswitch.bench.workload import hf_token_counter
-    from fastswitch.common.model_source import resolve_model
+    from fastswitch_bench.workload import hf_token_counter
+    from svc_common.model_source import resolve_model
 
     tok = transformers.AutoTokenizer.from_pretrained(resolve_model(None))
     count = hf_token_counter(tok)

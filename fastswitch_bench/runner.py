@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fastswitch.bench.workload import SOURCES, Workload, WorkloadSpec, generate, hf_token_counter
+from fastswitch_bench.workload import SOURCES, Workload, WorkloadSpec, generate, hf_token_counter
 
 # -- presets and modes --------------------------------------------------------------------------------
 
@@ -408,9 +408,9 @@ async def replay(
 
 
 def stack_config(mode: str, preset: Preset, workload: Workload) -> Any:
-    from fastswitch.stack import StackConfig, free_port_base
+    from svc_common.stack import StackConfig, free_port_base
 
-    return StackConfig(
+    return StackConfig.build(
         port=free_port_base(),
         block_size=preset.block_size,
         device_blocks=preset.device_blocks,
@@ -437,13 +437,13 @@ def run_stack_mode(
         r = asyncio.run(replay(addr, workload, mode, progress, stall_timeout_s))
         notes = f"replayed against a running stack at {addr}: its own settings apply, not this mode's"
     else:
-        from fastswitch.stack import Stack
+        from svc_common.stack import Stack
 
         config = stack_config(mode, preset, workload)
         with Stack(config, log_dir=str(out / "logs" / mode)) as stack:
             r = asyncio.run(replay(stack.addr, workload, mode, progress, stall_timeout_s))
-        notes = f"stack: preemption={config.preemption}, block_groups={config.block_groups}, " + (
-            f"async_swaps={config.async_swaps}, kv_reuse={config.kv_reuse}, policy={config.policy}"
+        notes = f"stack: preemption={config.scheduler.preemption}, block_groups={config.scheduler.block_groups}, " + (
+            f"async_swaps={config.scheduler.async_swaps}, kv_reuse={config.scheduler.kv_reuse}, policy={config.scheduler.policy}"
         )
     result = summarise(r.records, r.wall_s, r.counters)
     result["unfinished_requests"] = workload.num_requests - (result["requests"] - result["failed_requests"])
@@ -460,7 +460,7 @@ def run_peer_mode(
 ) -> tuple[dict[str, Any], list[RequestRecord]]:
     from tqdm.auto import tqdm
 
-    from fastswitch.bench.peer import run_transformers_cb_conversations
+    from fastswitch_bench.peer import run_transformers_cb_conversations
 
     convs = workload.conversations
     bar = tqdm(total=workload.num_requests, desc="  transformers-cb", unit="req", leave=False, disable=not progress)
@@ -548,7 +548,7 @@ def run(
         raise ValueError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
     from transformers import AutoTokenizer
 
-    from fastswitch.common.model_source import resolve_model
+    from svc_common.model_source import resolve_model
 
     preset = PRESETS[preset_name]
     if device_blocks is not None:

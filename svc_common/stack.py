@@ -6,6 +6,8 @@ exercise the same code path.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import signal
 import socket
@@ -13,39 +15,82 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from executor_svc.config import ExecutorConfig
+from scheduler_svc.config import SchedulerConfig
+from svc_common.settings import add_arguments, field_names, setting, to_argv
+from swap_daemon.config import SwapDaemonConfig
+
 
 @dataclass(slots=True)
 class StackConfig:
-    port: int = 50051
-    model: str = ""
-    block_size: int = 16
-    device_blocks: int = 1024
-    host_blocks: int = 4096
-    policy: str = "fcfs"
-    preemption: str = "swap"
-    priority_updates: str = "none"
-    priority_update_prob: float = 0.0
-    executors: int = 1
-    max_running: int = 64
-    max_step_tokens: int = 256
-    threads: int = 0
-    conversation_host_blocks: int = 0
-    conversation_ttl_s: float = 600.0
-    block_groups: bool = True
-    async_swaps: bool = True
-    kv_reuse: bool = True
-    host: str = "127.0.0.1"
+    """What `fastswitch up` starts: each service's own config, plus what only the stack decides.
+
+    The services' settings are their config dataclasses (one definition each, see
+    `svc_common.settings`); the stack only wires ports and addresses between them.
+    """
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    swapd: SwapDaemonConfig | None = field(default_factory=SwapDaemonConfig)  # None: no swap daemon
+    host: str = setting("127.0.0.1", env="FASTSWITCH_HOST", help="address the services bind and reach each other on")
+    executors: int = setting(1, env="FASTSWITCH_EXECUTORS", help="executor nodes (executor + swap daemon) to start")
     extra_env: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def port(self) -> int:
+        return self.scheduler.port
+
+    @classmethod
+    def build(cls, **values: Any) -> StackConfig:
+        """From flat settings, named as `fastswitch up` names them: `StackConfig.build(device_blocks=12)`.
+
+        `model` goes to the scheduler (tokenizer) and the executor; `host_blocks=0` (or recompute
+        preemption) starts no swap daemon."""
+        own = field_names(cls) | {"extra_env"}
+        parts: dict[type, dict[str, Any]] = {SchedulerConfig: {}, ExecutorConfig: {}, SwapDaemonConfig: {}}
+        unknown = []
+        for name, value in values.items():
+            targets = [t for t in parts if name in field_names(t) and (name != "port" or t is SchedulerConfig)]
+            for t in targets:
+                parts[t][name] = value
+            if not targets and name not in own:
+                unknown.append(name)
+        if unknown:
+            raise TypeError(f"unknown stack settings: {', '.join(sorted(unknown))}")
+        scheduler = SchedulerConfig(**parts[SchedulerConfig])
+        swapd = None
+        if parts[SwapDaemonConfig].get("host_blocks", 1) > 0 and scheduler.preemption != "recompute":
+            swapd = SwapDaemonConfig(**parts[SwapDaemonConfig])
+        config = cls(
+            scheduler, ExecutorConfig(**parts[ExecutorConfig]), swapd, **{k: v for k, v in values.items() if k in own}
+        )
+        config.validate()
+        return config
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """`fastswitch up`'s flags: every service's settings (the stack wires ports and addresses)."""
+        add_arguments(parser, SchedulerConfig, exclude={"executor_addr", "swapd_addr"})
+        add_arguments(parser, ExecutorConfig, exclude={"port"})
+        add_arguments(parser, SwapDaemonConfig, exclude={"port"})
+        add_arguments(parser, cls)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> StackConfig:
+        names = field_names(SchedulerConfig) | field_names(ExecutorConfig) | field_names(SwapDaemonConfig)
+        names |= field_names(cls)
+        return cls.build(**{n: getattr(args, n) for n in names if hasattr(args, n)})
+
     def validate(self) -> None:
+        self.scheduler.validate()
+        self.executor.validate()
         if self.executors != 1:
             raise ValueError("this version drives exactly one executor (--executors 1)")
-        if self.host_blocks < 0:
-            raise ValueError(f"host blocks must be >= 0, got {self.host_blocks}")
 
 
 def free_port_base() -> int:
@@ -109,37 +154,17 @@ class Stack:
         return f"{self.config.host}:{self.config.port}"
 
     def commands(self) -> dict[str, list[str]]:
+        """Each service's command line, derived from its config."""
         c = self.config
         py = sys.executable
-        executor_port, swapd_port = c.port + 1, c.port + 2
-        cmds = {
-            "executor": [
-                py, "-m", "executor_svc", "--port", str(executor_port), "--model", c.model,
-                "--block-size", str(c.block_size), "--device-blocks", str(c.device_blocks),
-                "--threads", str(c.threads),
-            ],
-            "scheduler": [
-                py, "-m", "scheduler_svc", "--port", str(c.port), "--executor", f"{c.host}:{executor_port}",
-                "--model", c.model, "--policy", c.policy, "--preemption", c.preemption,
-                "--max-running", str(c.max_running), "--max-step-tokens", str(c.max_step_tokens),
-                "--priority-updates", c.priority_updates, "--priority-update-prob", str(c.priority_update_prob),
-                "--conversation-host-blocks", str(c.conversation_host_blocks),
-                "--conversation-ttl", str(c.conversation_ttl_s),
-            ],
-        }  # fmt: skip
-        ablations = {"--no-block-groups": c.block_groups, "--sync-swaps": c.async_swaps, "--no-kv-reuse": c.kv_reuse}
-        cmds["scheduler"] += [flag for flag, on in ablations.items() if not on]
-        if c.host_blocks > 0 and c.preemption != "recompute":
-            cmds["swapd"] = [
-                py,
-                "-m",
-                "swap_daemon",
-                "--port",
-                str(swapd_port),
-                "--host-blocks",
-                str(c.host_blocks),
-            ]
-            cmds["scheduler"] += ["--swapd", f"{c.host}:{swapd_port}"]
+        executor = dataclasses.replace(c.executor, port=c.port + 1)
+        scheduler = dataclasses.replace(c.scheduler, executor_addr=f"{c.host}:{executor.port}", swapd_addr="")
+        cmds = {"executor": [py, "-m", "executor_svc", *to_argv(executor)]}
+        if c.swapd is not None:
+            swapd = dataclasses.replace(c.swapd, port=c.port + 2)
+            scheduler.swapd_addr = f"{c.host}:{swapd.port}"
+            cmds["swapd"] = [py, "-m", "swap_daemon", *to_argv(swapd)]
+        cmds["scheduler"] = [py, "-m", "scheduler_svc", *to_argv(scheduler)]
         return cmds
 
     def start(self, timeout_s: float = 300.0) -> str:

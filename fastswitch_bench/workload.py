@@ -58,7 +58,7 @@ SOURCES = {
     "lengths": "mean 161 input / 338 output tokens per turn: ShareGPT in the vLLM paper (arXiv 2309.06180, Fig. 11)",
     "shapes": "truncated geometric turn counts, lognormal lengths (sigma 1.0 input, 0.8 output): our choice",
     "timing": "Poisson conversation arrivals; exponential think time between turns: our choice",
-    "text": "user turns cut from fastswitch/bench/corpus.txt (English questions written for this project)",
+    "text": "user turns cut from fastswitch_bench/corpus.txt (English questions written for this project)",
 }
 
 CountTokens = Callable[[str], int]

@@ -15,7 +15,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fastswitch.common.errors import ErrorMappingInterceptor
+from svc_common.errors import ErrorMappingInterceptor
 
 log = structlog.get_logger(__name__)
 

@@ -1,0 +1,241 @@
+"""One definition per setting: a config dataclass field carries its flag, environment variable and help.
+
+Every service's command line, its environment variables, `fastswitch up` (which starts the services)
+and the compose file are derived from these definitions, so a setting is declared exactly once:
+
+    @dataclass(slots=True)
+    class SwapDaemonConfig:
+        host_blocks: int = setting(4096, env="FASTSWITCH_HOST_BLOCKS", help="blocks in the host pool")
+
+- `add_arguments(parser, Config)`: argparse flags whose defaults come from the environment.
+- `from_args(Config, args)`: the validated config (ValueError says what is wrong).
+- `to_argv(config)`: the flags that reproduce a config (how `fastswitch up` starts each service).
+- `env_names(Config)`: the environment variables a service reads (the compose file is checked against it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """How one config field appears on the command line and in the environment."""
+
+    flag: str | None  # None: derived from the field name (`max_running` -> `--max-running`)
+    env: str | None
+    help: str
+    choices: tuple[str, ...] | None = None
+    negate: bool = False  # a bool whose flag turns it off (`kv_reuse` <- `--no-kv-reuse`)
+    item: Callable[[str], tuple[str, Any]] | None = None  # a dict built from repeated `KEY=VALUE` flags
+    metavar: str | None = None
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    flag: str | None = None,
+    env: str | None = None,
+    help: str = "",
+    choices: Iterable[str] | None = None,
+    negate: bool = False,
+    item: Callable[[str], tuple[str, Any]] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    """A dataclass field that is also a command-line flag and (optionally) an environment variable."""
+    meta = {"setting": Setting(flag, env, help, tuple(choices) if choices else None, negate, item, metavar)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _settings(config_type: type) -> list[tuple[dataclasses.Field[Any], Setting]]:
+    return [(f, f.metadata["setting"]) for f in dataclasses.fields(config_type) if "setting" in f.metadata]
+
+
+def flag_of(f: dataclasses.Field[Any], s: Setting) -> str:
+    return s.flag or "--" + f.name.replace("_", "-")
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"setting {f.name} has no default")
+
+
+def _scalar(type_name: str) -> Callable[[str], Any]:
+    return {"int": int, "float": float, "str": str}[type_name]
+
+
+def _bool(text: str, name: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"{name}={text!r}: expected one of 1/0, true/false, yes/no, on/off")
+
+
+def _type_name(f: dataclasses.Field[Any]) -> str:
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return t.split("[")[0].split("|")[0].strip()
+
+
+def _from_env(f: dataclasses.Field[Any], s: Setting, environ: dict[str, str]) -> Any:
+    """The field's default, overridden by its environment variable when that is set."""
+    default = _default(f)
+    if s.env is None or s.env not in environ:
+        return default
+    text = environ[s.env]
+    kind = _type_name(f)
+    try:
+        if kind == "bool":
+            flag_on = _bool(text, s.env)
+            return not flag_on if s.negate else flag_on
+        if s.item is not None:
+            return dict(s.item(part) for part in text.split(",") if part.strip())
+        return _scalar(kind)(text)
+    except ValueError as err:
+        raise ValueError(f"environment variable {s.env}={text!r} is not valid: {err}") from None
+
+
+class _Items(argparse.Action):
+    """Repeated KEY=VALUE flags into one dict (the environment's value is the starting point)."""
+
+    def __init__(self, *args: Any, parse: Callable[[str], tuple[str, Any]], **kwargs: Any) -> None:
+        self.parse = parse
+        super().__init__(*args, **kwargs)
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, _: Any = None
+    ) -> None:
+        items = dict(getattr(namespace, self.dest) or {})
+        try:
+            key, parsed = self.parse(value)
+        except ValueError as err:
+            parser.error(f"{self.option_strings[0]} {value}: {err}")
+        items[key] = parsed
+        setattr(namespace, self.dest, items)
+
+
+def add_arguments(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    config_type: type,
+    *,
+    exclude: Iterable[str] = (),
+    environ: dict[str, str] | None = None,
+) -> list[str]:
+    """Add a flag for every setting of `config_type` (defaults from the environment); returns the
+    field names added. Fields in `exclude`, or whose flag the parser already has, are skipped."""
+    environ = dict(os.environ) if environ is None else environ
+    skip = set(exclude)
+    existing = set(getattr(parser, "_option_string_actions", {}))
+    added = []
+    for f, s in _settings(config_type):
+        flag = flag_of(f, s)
+        if f.name in skip or flag in existing:
+            continue
+        try:
+            default = _from_env(f, s, environ)
+        except ValueError as err:
+            raise SystemExit(f"{parser_prog(parser)}: error: {err}") from None
+        shown = _default(f)
+        where = f"; env {s.env}" if s.env else ""
+        kind = _type_name(f)
+        if kind == "bool":
+            shown_default = "off" if (not shown if s.negate else shown) is False else "on"
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action="store_false" if s.negate else "store_true",
+                default=default,
+                help=f"{s.help} (default: {shown_default}{where})",
+            )
+        elif s.item is not None:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=_Items,
+                parse=s.item,
+                default=default,
+                metavar=s.metavar,
+                help=f"{s.help} (repeatable{where}, comma-separated)",
+            )
+        else:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                type=_scalar(kind),
+                default=default,
+                choices=s.choices,
+                metavar=s.metavar,
+                help=f"{s.help} (default: {shown!r}{where})" if shown != "" else f"{s.help} ({where[2:]})",
+            )
+        added.append(f.name)
+    return added
+
+
+def parser_prog(parser: Any) -> str:
+    return getattr(parser, "prog", None) or getattr(getattr(parser, "_container", None), "prog", "fastswitch")
+
+
+def from_args(config_type: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """Build (and validate) a config from parsed flags; names absent from `args` keep their defaults."""
+    values = {f.name: getattr(args, f.name) for f, _ in _settings(config_type) if hasattr(args, f.name)}
+    values.update(overrides)
+    config = config_type(**values)
+    config.validate()
+    return config
+
+
+def to_argv(config: Any, *, exclude: Iterable[str] = ()) -> list[str]:
+    """Flags that reproduce `config` (every setting, explicitly: the child ignores its environment)."""
+    skip = set(exclude)
+    argv: list[str] = []
+    for f, s in _settings(type(config)):
+        if f.name in skip:
+            continue
+        value = getattr(config, f.name)
+        flag = flag_of(f, s)
+        if isinstance(value, bool):
+            if value != s.negate:
+                argv.append(flag)
+        elif s.item is not None:
+            for key, item in value.items():
+                argv += [flag, f"{key}={item}"]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def env_names(config_type: type) -> set[str]:
+    return {s.env for _, s in _settings(config_type) if s.env}
+
+
+def field_names(config_type: type) -> set[str]:
+    return {f.name for f, _ in _settings(config_type)}
+
+
+def run_parser(prog: str, description: str | None, config_type: type, argv: list[str] | None) -> Any:
+    """The whole entry point of a service's command line: parse, build, validate; bad input exits 2
+    with one line saying what is wrong."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser, config_type)
+    args = parser.parse_args(argv)
+    try:
+        return from_args(config_type, args)
+    except ValueError as err:
+        parser.error(str(err))

@@ -1,0 +1,98 @@
+"""One definition per setting: flags, environment variables, `fastswitch up` and the services agree."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from executor_svc.config import ExecutorConfig
+from scheduler_svc.config import SchedulerConfig
+from svc_common.settings import add_arguments, env_names, from_args, to_argv
+from svc_common.stack import Stack, StackConfig
+from swap_daemon.config import SwapDaemonConfig
+
+
+def _parse(config_type: type, argv: list[str], environ: dict[str, str] | None = None):  # noqa: ANN202
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, config_type, environ=environ or {})
+    return from_args(config_type, parser.parse_args(argv))
+
+
+def test_environment_sets_defaults_and_flags_override_it() -> None:
+    env = {
+        "FASTSWITCH_SWAPD_PORT": "51111",
+        "FASTSWITCH_HOST_BLOCKS": "77",
+        "FASTSWITCH_SWAPD_WORKERS": "3",
+        "FASTSWITCH_SWAPD_BACKEND": "cpu",
+    }
+    config = _parse(SwapDaemonConfig, [], env)
+    assert (config.port, config.host_blocks, config.workers, config.backend) == (51111, 77, 3, "cpu")
+    assert _parse(SwapDaemonConfig, ["--workers", "1"], env).workers == 1
+
+
+def test_negated_booleans_and_repeated_items_read_from_flags_and_environment() -> None:
+    config = _parse(SchedulerConfig, ["--no-kv-reuse", "--tenant-weight", "a=2", "--tenant-weight", "b=0.5"])
+    assert config.kv_reuse is False and config.block_groups is True
+    assert config.tenant_weights == {"a": 2.0, "b": 0.5}
+    env = {"FASTSWITCH_SYNC_SWAPS": "yes", "FASTSWITCH_TENANT_WEIGHTS": "x=3,y=4"}
+    config = _parse(SchedulerConfig, [], env)
+    assert config.async_swaps is False
+    assert config.tenant_weights == {"x": 3.0, "y": 4.0}
+
+
+def test_to_argv_reproduces_the_config_exactly() -> None:
+    original = SchedulerConfig(
+        policy="vtc", preemption="recompute", kv_reuse=False, tenant_weights={"a": 2.0}, conversation_ttl_s=5.0
+    )
+    assert _parse(SchedulerConfig, to_argv(original)) == original
+    executor = ExecutorConfig(device_blocks=12, block_size=32, model="/tmp/m")
+    assert _parse(ExecutorConfig, to_argv(executor)) == executor
+
+
+def test_a_bad_environment_value_names_the_variable() -> None:
+    with pytest.raises(SystemExit, match="FASTSWITCH_MAX_RUNNING"):
+        _parse(SchedulerConfig, [], {"FASTSWITCH_MAX_RUNNING": "many"})
+
+
+def test_up_reads_the_services_environment_and_passes_it_on_as_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTSWITCH_POLICY", "vtc")
+    parser = argparse.ArgumentParser()
+    StackConfig.add_arguments(parser)
+    config = StackConfig.from_args(parser.parse_args(["--port", "6000", "--device-blocks", "9", "--host-blocks", "5"]))
+    commands = Stack(config).commands()
+    assert commands["scheduler"][commands["scheduler"].index("--policy") + 1] == "vtc"
+    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:6001"
+    assert commands["scheduler"][commands["scheduler"].index("--swapd") + 1] == "127.0.0.1:6002"
+    assert commands["executor"][commands["executor"].index("--device-blocks") + 1] == "9"
+    assert commands["swapd"][commands["swapd"].index("--host-blocks") + 1] == "5"
+
+
+def test_no_host_blocks_or_recompute_starts_no_swap_daemon() -> None:
+    assert "swapd" not in Stack(StackConfig.build(host_blocks=0)).commands()
+    commands = Stack(StackConfig.build(preemption="recompute")).commands()
+    assert "swapd" not in commands
+    assert commands["scheduler"][commands["scheduler"].index("--swapd") + 1] == ""
+
+
+def test_build_rejects_unknown_settings() -> None:
+    with pytest.raises(TypeError, match="devise_blocks"):
+        StackConfig.build(devise_blocks=3)
+
+
+def test_every_service_variable_is_distinct_where_it_means_something_else() -> None:
+    # The services share FASTSWITCH_MODEL (the same model) and nothing else.
+    sched, execu, swapd = env_names(SchedulerConfig), env_names(ExecutorConfig), env_names(SwapDaemonConfig)
+    assert sched & execu == {"FASTSWITCH_MODEL"}
+    assert not sched & swapd and not execu & swapd
+
+
+@pytest.mark.parametrize("service", ["scheduler_svc", "executor_svc", "swap_daemon"])
+def test_a_bad_flag_value_exits_2_with_one_line(service: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", service, "--port", "-5"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    assert "port" in proc.stderr and "Traceback" not in proc.stderr
