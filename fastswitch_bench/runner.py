@@ -442,8 +442,10 @@ def run_stack_mode(
         config = stack_config(mode, preset, workload)
         with Stack(config, log_dir=str(out / "logs" / mode)) as stack:
             r = asyncio.run(replay(stack.addr, workload, mode, progress, stall_timeout_s))
-        notes = f"stack: preemption={config.scheduler.preemption}, block_groups={config.scheduler.block_groups}, " + (
-            f"async_swaps={config.scheduler.async_swaps}, kv_reuse={config.scheduler.kv_reuse}, policy={config.scheduler.policy}"
+        sc = config.scheduler
+        notes = (
+            f"stack: preemption={sc.preemption}, block_groups={sc.block_groups}, "
+            f"async_swaps={sc.async_swaps}, kv_reuse={sc.kv_reuse}, policy={sc.policy}"
         )
     result = summarise(r.records, r.wall_s, r.counters)
     result["unfinished_requests"] = workload.num_requests - (result["requests"] - result["failed_requests"])
