@@ -91,8 +91,6 @@ def test_every_service_variable_is_distinct_where_it_means_something_else() -> N
 
 @pytest.mark.parametrize("service", ["scheduler_svc", "executor_svc", "swap_daemon"])
 def test_a_bad_flag_value_exits_2_with_one_line(service: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", service, "--port", "-5"], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-m", service, "--port", "-5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "port" in proc.stderr and "Traceback" not in proc.stderr
