@@ -33,6 +33,23 @@ PROMPTS = [
 NEAR_TIE_LOGIT_GAP = 0.05
 
 
+class FakeClock:
+    """The scheduler's clock (request phases, conversation TTLs), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("scheduler_svc.sequence.clock", fake)
+    return fake
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> str:
     from svc_common.model_source import resolve_model

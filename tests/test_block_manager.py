@@ -1,4 +1,5 @@
-"""Tests for the torch-free KV block allocator: exact accounting, no double hand-out, contiguous runs."""
+"""The torch-free KV block allocator (exact accounting, no double hand-out, contiguous runs) and the
+block manager that grows requests' block tables and sends them to the executor as diffs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler_svc.block_manager import BlockAllocator, Extent
+from scheduler_svc.block_manager import BlockAllocator, BlockManager, Extent
+from scheduler_svc.sequence import Sequence
+from svc_common.plan import Sampling
 
 
 def _state(alloc: BlockAllocator) -> tuple[int, int, list[Extent], int]:
@@ -327,3 +330,42 @@ class AllocatorMachine(RuleBasedStateMachine):
 
 AllocatorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_allocator_state_machine_keeps_blocks_unique_and_accounting_exact = AllocatorMachine.TestCase
+
+
+# -- the block manager: block tables on the device pool ------------------------------------------
+
+
+def _request(prompt_len: int) -> Sequence:
+    return Sequence("r", list(range(prompt_len)), Sampling(), max_tokens=8)
+
+
+def test_a_table_grows_by_whole_blocks_contiguously_and_the_executor_gets_only_the_new_ones() -> None:
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    seq = _request(prompt_len=6)
+    assert blocks.shortfall(seq, 6) == 2
+    assert blocks.reserve(seq, 6) and seq.block_table == [0, 1]
+    assert blocks.take_unsent(seq) == [0, 1] and blocks.take_unsent(seq) == []
+    seq.num_computed = 6
+    assert blocks.shortfall(seq, 2) == 0 and blocks.reserve(seq, 2)  # slots 6 and 7 are in block 1
+    assert blocks.take_unsent(seq) == []
+    assert blocks.reserve(seq, 3) and seq.block_table == [0, 1, 2]
+    assert blocks.take_unsent(seq) == [2]
+    assert blocks.num_free == 13
+
+
+def test_a_reservation_the_pool_cannot_hold_changes_nothing() -> None:
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    other, seq = _request(prompt_len=8), _request(prompt_len=12)
+    assert blocks.reserve(other, 8)
+    assert not blocks.reserve(seq, 12)
+    assert seq.block_table == [] and seq.unsent_blocks == 0 and blocks.num_free == 2
+
+
+def test_release_frees_the_whole_table_and_forgets_unsent_blocks() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    seq = _request(prompt_len=9)
+    assert blocks.reserve(seq, 9)
+    blocks.release(seq)
+    assert seq.block_table == [] and seq.unsent_blocks == 0
+    assert blocks.num_free == 8
+    assert blocks.blocks_for(0) == 0 and blocks.blocks_for(4) == 1 and blocks.blocks_for(5) == 2

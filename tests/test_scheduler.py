@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -10,9 +9,10 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.conversations import KeptKV
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence
-from scheduler_svc.swap_manager import SwapOrder, pair_runs
+from scheduler_svc.swap_manager import SwapOrder
 from svc_common.plan import Sampling, StepOutput, StepPlan
-from svc_common.swap import BlockRun, Direction, Granularity
+from svc_common.swap import Direction, Granularity
+from tests.conftest import FakeClock
 
 BLOCK = 4
 EOS = 0
@@ -48,23 +48,6 @@ class FakeExecutor:
             if chunk.sample:
                 tokens.append((chunk.request_id, 1 + sum((i + 1) * t for i, t in enumerate(context)) % 97))
         return StepOutput(plan.step_id, tokens)
-
-
-class FakeClock:
-    """The scheduler's clock (request phases, conversation TTLs), moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock()
-    monkeypatch.setattr("scheduler_svc.sequence.clock", fake)
-    return fake
 
 
 def make(num_blocks: int, max_step_tokens: int = 16, max_running: int = 4, policy: str = "fcfs") -> Scheduler:
@@ -429,11 +412,6 @@ def test_vllm_like_mode_orders_per_layer_copies() -> None:
         if plan is not None:
             sched.on_step_output(ex.run(plan))
     assert grans == {Granularity.BLOCK_LAYER}
-
-
-def test_swap_orders_name_block_groups_not_blocks() -> None:
-    assert pair_runs([4, 5, 6, 9], [0, 1, 2, 3]) == [BlockRun(4, 0, 3), BlockRun(9, 3, 1)]
-    assert pair_runs([4, 5], [7, 3]) == [BlockRun(4, 7, 1), BlockRun(5, 3, 1)]
 
 
 @settings(max_examples=40, deadline=None)
