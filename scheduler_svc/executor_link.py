@@ -13,6 +13,7 @@ An executor, its swap daemon and their pools make one node; this link and its `S
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -100,10 +101,8 @@ class ExecutorLink:
             await self.swapd.stop()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         if self._channel is not None:
             await self._channel.close()
 

@@ -11,21 +11,10 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 # Counters `fastswitch stats` always shows, 0 until something counts them (the command-line contract).
-ALWAYS_SHOWN = (
-    "preemptions",
-    "swap_out_bytes",
-    "swap_in_bytes",
-    "copy_calls",
-    "swap_stall_s",
-    "recomputed_tokens",
-    "reused_prefix_tokens",
-    "reused_from_host_tokens",
-    "recomputed_prefix_tokens",
-    "kept_kv_spilled",
-    "kept_kv_evicted",
-    "kept_kv_host_evicted",
-    "kept_kv_expired",
-    "swap_fallback_recompute",
+ALWAYS_SHOWN = tuple(
+    "preemptions swap_out_bytes swap_in_bytes copy_calls swap_stall_s swap_fallback_recompute recomputed_tokens "
+    "reused_prefix_tokens reused_from_host_tokens recomputed_prefix_tokens "
+    "kept_kv_spilled kept_kv_evicted kept_kv_host_evicted kept_kv_expired".split()
 )
 
 

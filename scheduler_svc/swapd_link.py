@@ -11,6 +11,7 @@ the link reconnects. A new executor has a new pool, so `restart()` attaches the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -47,13 +48,11 @@ class SwapDaemonLink:
         self._task = asyncio.create_task(self._run(info), name="swap-link")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         self._call = None
 
     async def restart(self, info: executor_pb2.ExecutorInfo) -> None:

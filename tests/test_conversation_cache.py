@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler_svc.sequence import Finish, RequestState, Sequence
+from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import ResourceExhaustedError
 from tests.conftest import FakeClock
 from tests.test_scheduler import (
     FakeExecutor,
-    FakeSwapDaemon,
     assert_ownership,
     expected_output,
     finish,
     make_conversing,
     run_to_completion,
-    seq,
     step,
     turn,
 )
@@ -115,29 +113,6 @@ def test_a_conversation_with_a_turn_in_flight_never_expires(clock: FakeClock) ->
     run_to_completion(sched, ex)
     assert long_turn.finish is Finish.LENGTH and sched.conversations.get(KEY) is not None
     assert sched.stats.counter("conversations_expired") == 0
-
-
-def test_two_turns_arriving_while_the_kv_spills_one_waits_for_it_and_the_other_recomputes() -> None:
-    sched, ex = make_conversing(num_blocks=16, host_blocks=64), FakeExecutor()
-    daemon = FakeSwapDaemon(sched, delay=50, executor=ex)
-    t1 = turn("t1", list(range(10, 30)))
-    finish(sched, ex, daemon, t1)
-    sched.add(seq("big", prompt_len=63, max_tokens=1))
-    while not sched.swaps.num_in_flight:
-        step(sched, ex, daemon)
-    first, second = turn("t2", t1.tokens + [77]), turn("t3", t1.tokens + [78])
-    sched.add(first)
-    sched.add(second)
-    assert first.state is RequestState.AWAITING_KV and second.state is not RequestState.AWAITING_KV
-    daemon.drain()
-    finish(sched, ex, daemon, first, second)
-    assert first.reused_tokens == 24 and second.reused_tokens == 0
-    assert first.output_ids == expected_output(first.prompt_ids, 5)
-    assert second.output_ids == expected_output(second.prompt_ids, 5)
-    assert sched.conversations.end(KEY)
-    daemon.drain()
-    assert_ownership(sched)
-    assert sched.blocks.num_free == 16
 
 
 def test_a_turn_reuses_only_what_matches_the_kept_tokens() -> None:

@@ -662,6 +662,7 @@ def test_a_preempted_turn_swapped_back_in_moves_only_its_new_blocks_out_again() 
 
 
 def test_a_turn_arriving_while_its_kv_spills_waits_for_the_copy_then_reuses_it() -> None:
+    """(A second turn arriving meanwhile does not wait too: it recomputes.)"""
     sched, ex = make_conversing(num_blocks=16, host_blocks=64), FakeExecutor()
     daemon = FakeSwapDaemon(sched, delay=50, executor=ex)
     t1 = turn("t1", list(range(10, 30)))
@@ -669,13 +670,19 @@ def test_a_turn_arriving_while_its_kv_spills_waits_for_the_copy_then_reuses_it()
     sched.add(seq("big", prompt_len=63, max_tokens=1))
     while not sched.swaps.num_in_flight:
         step(sched, ex, daemon)
-    t2 = turn("t2", t1.tokens + [77])
+    t2, t3 = turn("t2", t1.tokens + [77]), turn("t3", t1.tokens + [78])
     sched.add(t2)
-    assert t2.state.value == "awaiting_kv"
+    sched.add(t3)
+    assert t2.state.value == "awaiting_kv" and t3.state.value == "waiting"
     daemon.drain()
     assert t2.state.value in ("swapped", "swapping_in") and t2.reused_tokens == 24
-    finish(sched, ex, daemon, t2)
+    finish(sched, ex, daemon, t2, t3)
     assert t2.output_ids == expected_output(t2.prompt_ids, 5)
+    assert t3.reused_tokens == 0 and t3.output_ids == expected_output(t3.prompt_ids, 5)
+    assert sched.conversations.end(("ten", "c"))
+    daemon.drain()
+    assert_ownership(sched)
+    assert sched.blocks.num_free == 16
 
 
 def test_the_host_budget_evicts_the_least_recently_used_conversation_which_then_recomputes() -> None:

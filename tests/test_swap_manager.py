@@ -7,7 +7,7 @@ from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.sequence import RequestState, Sequence
 from scheduler_svc.stats import Stats
-from scheduler_svc.swap_manager import SwapManager, pair_runs
+from scheduler_svc.swap_manager import SwapManager, SwapOrder, pair_runs
 from svc_common.plan import Sampling
 from svc_common.swap import BlockRun, Direction, Granularity
 
@@ -52,6 +52,19 @@ def running(swaps: SwapManager, computed: int) -> Sequence:
     seq.num_computed = computed
     seq.preemptions = 1
     return seq
+
+
+def swapped_out(swaps: SwapManager, computed: int) -> tuple[Sequence, SwapOrder]:
+    """A preempted request whose copy out is in flight, and that copy."""
+    seq = running(swaps, computed)
+    assert swaps.swap_out(seq)
+    [order] = swaps.take_orders()
+    return seq, order
+
+
+def copy_ends(swaps: SwapManager, order: SwapOrder, ok: bool) -> None:
+    assert swaps.complete(order.swap_id) is order
+    swaps.request_copy_done(order, ok)
 
 
 def test_pair_runs_names_block_groups_contiguous_on_both_sides() -> None:
@@ -107,14 +120,12 @@ def test_a_preempted_request_is_swapped_out_and_its_device_blocks_wait_for_the_c
 
 def test_swapping_back_in_then_out_again_moves_only_the_new_blocks() -> None:
     swaps, _ = make()
-    seq = running(swaps, computed=10)
-    swaps.swap_out(seq)
-    [out] = swaps.take_orders()
-    swaps.request_copy_done(swaps.complete(out.swap_id) or out, ok=True)
+    seq, out = swapped_out(swaps, computed=10)
+    copy_ends(swaps, out, ok=True)
     assert swaps.swap_in(seq) and seq.state is RequestState.SWAPPING_IN
     [back] = swaps.take_orders()
     assert back.direction is Direction.IN and back.host_blocks == out.host_blocks
-    swaps.request_copy_done(swaps.complete(back.swap_id) or back, ok=True)
+    copy_ends(swaps, back, ok=True)
     assert seq.state is RequestState.WAITING and seq.host_tokens == 10, "the host copy stays valid"
     seq.move_to(RequestState.RUNNING)
     assert swaps.blocks.reserve(seq, 10)
@@ -133,10 +144,8 @@ def test_without_a_daemon_or_in_recompute_mode_nothing_is_swapped() -> None:
 
 def test_a_failed_copy_out_frees_both_sides_and_the_request_recomputes() -> None:
     swaps, _ = make()
-    seq = running(swaps, computed=10)
-    swaps.swap_out(seq)
-    [order] = swaps.take_orders()
-    swaps.request_copy_done(swaps.complete(order.swap_id) or order, ok=False)
+    seq, order = swapped_out(swaps, computed=10)
+    copy_ends(swaps, order, ok=False)
     assert seq.state is RequestState.WAITING and seq.num_computed == 0 and seq.host_table == []
     assert swaps.blocks.num_free == 16 and swaps.host is not None and swaps.host.num_free == 16
     assert swaps.stats.counter("swap_fallback_recompute") == 1
@@ -145,11 +154,9 @@ def test_a_failed_copy_out_frees_both_sides_and_the_request_recomputes() -> None
 
 def test_a_request_that_finished_during_its_copy_only_gets_its_blocks_freed() -> None:
     swaps, _ = make()
-    seq = running(swaps, computed=10)
-    swaps.swap_out(seq)
-    [order] = swaps.take_orders()
+    seq, order = swapped_out(swaps, computed=10)
     seq.move_to(RequestState.FINISHED)
-    swaps.request_copy_done(swaps.complete(order.swap_id) or order, ok=True)
+    copy_ends(swaps, order, ok=True)
     assert seq.state is RequestState.FINISHED and seq.host_table == []
     assert swaps.blocks.num_free == 16 and swaps.host is not None and swaps.host.num_free == 16
 
