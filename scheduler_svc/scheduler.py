@@ -154,13 +154,16 @@ class Scheduler:
             return False
         if needed > 0:
             room = Room.WAIT if step.blocked else self._make_room(needed, victims)
-            if room is not Room.OK:
-                step.blocked = step.blocked or room is Room.WAIT
-                if room is Room.NO and admitted:
-                    self._preempt(seq)
+            if room is Room.WAIT:  # copies in flight will free the blocks; those ranked below wait too
+                step.blocked = True
+                seq.set_blocked(True)
+                return True
+            if room is Room.NO:
+                if admitted:
+                    self._preempt(seq)  # it cannot go on: off the device, back in line
                 else:
                     seq.set_blocked(True)
-                return room is Room.WAIT
+                return False
         if seq.blocked:
             seq.set_blocked(False)
         if swapped:

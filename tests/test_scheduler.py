@@ -816,3 +816,31 @@ def test_a_lost_executor_takes_kept_and_swapped_in_kv_with_it_and_those_turns_re
     assert t2.reused_tokens == 0 and t2.output_ids == expected_output(t2.prompt_ids, 5)
     sched.conversations.end(("ten", "c"))
     assert sched.blocks.num_free == 32
+
+
+def test_phases_say_where_a_preempted_requests_time_went(clock: FakeClock) -> None:
+    sched, ex = make_conversing(num_blocks=8, host_blocks=32, policy="priority"), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=2, executor=ex)
+
+    def timed_step() -> None:  # each step (and each wait between steps) takes a second
+        plan = sched.schedule()
+        daemon.tick()
+        clock.now += 1.0
+        if plan is not None:
+            sched.on_step_output(ex.run(plan))
+
+    low = seq("low", prompt_len=6, max_tokens=10, priority=0)
+    sched.add(low)
+    for _ in range(4):  # a prefill step, then decodes
+        timed_step()
+    high = seq("high", prompt_len=27, max_tokens=2, priority=5)  # 8 blocks: low must leave the device
+    sched.add(high)
+    while not low.finished:
+        timed_step()
+    low_s, high_s = low.phases.seconds(), high.phases.seconds()
+    assert low.preemptions == 1 and low_s["queued"] == 0.0 and low_s["prefill"] == 1.0 and low_s["decode"] > 0
+    assert low_s["preempted"] > 0 and low_s["swap_in"] > 0, "swapped out, then waited for its KV to come back"
+    assert low_s["blocked"] > 0, "while high held the whole pool"
+    assert high_s["blocked"] > 0, "it waited for low's blocks to be copied out"
+    assert sum(low_s.values()) == low.phases.since - low.arrival
+    assert sum(high_s.values()) == high.phases.since - high.arrival
