@@ -9,21 +9,12 @@ from dataclasses import asdict
 
 import pytest
 
-from fastswitch_bench.runner import (
-    ALL_MODES,
-    PRESETS,
-    RATIO_KEYS,
-    RequestRecord,
-    add_ratios,
-    markdown,
-    parse_modes,
-    percentiles,
-    plot,
-    run,
-    stack_config,
-    summarise,
-    write_json,
-)
+from fastswitch_bench.modes import ALL_MODES, parse_modes, stack_config
+from fastswitch_bench.plots import plot
+from fastswitch_bench.presets import PRESETS
+from fastswitch_bench.replay import RequestRecord
+from fastswitch_bench.report import RATIO_KEYS, add_ratios, markdown, percentiles, summarise, write_json
+from fastswitch_bench.runner import run
 from fastswitch_bench.workload import generate
 
 CONTRACT_KEYS = {

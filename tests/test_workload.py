@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from fastswitch_bench.runner import PRESETS
+from fastswitch_bench.presets import PRESETS
 from fastswitch_bench.workload import (
     SHAREGPT_MEAN_TURNS,
     Workload,
