@@ -167,5 +167,6 @@ def run_peer_mode(
         )
         for t in result.turns
     ]
-    notes = PEER_NOTES + "".join(f" {k}={v}." for k, v in options.stack_settings().items() if k != "executors")
+    knobs = [f"{k}={v}" for k, v in options.stack_settings().items() if k != "executors"]
+    notes = PEER_NOTES + (f" Loaded with {', '.join(knobs)}." if knobs else "")
     return ModeRun(records, result.wall_s, {}, False, notes)

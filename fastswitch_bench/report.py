@@ -268,7 +268,7 @@ def markdown(results: dict[str, Any]) -> str:
             for name, m in modes.items()
         ),
     )
-    lines += ["", *tails_markdown(modes)]
+    lines += tails_markdown(modes)
     for name, m in modes.items():
         if m.get("stalled") or m.get("failed_requests"):
             lines += [
@@ -301,7 +301,10 @@ def tails_markdown(modes: dict[str, dict[str, Any]]) -> list[str]:
                 + [_f(phases.get(p), ".2f") for p in PHASES]
                 + [f"**{t['went_to']}**" if t["went_to"] else "-"]
             )
+    if not explained and not silent:
+        return []  # only the peer ran: it has no phases
     lines = [
+        "",
         "Where the tails' time went: the request at each mode's P99 TTFT and the request holding its P99.9 "
         "TBT gap, with the seconds the scheduler counted in each phase of that request's life (totals over "
         "the request, so decode covers all its tokens). A TTFT goes to its largest phase before decoding; "
