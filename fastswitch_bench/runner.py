@@ -89,9 +89,8 @@ class Bench:
     modes: list[str]
     workload: Workload
     workload_path: str | None
-    model_dir: pathlib.Path
-    tokenizer: Any
-    tokenizer_name: str
+    model_dir: pathlib.Path | None  # None: neither given nor needed (a saved workload against stacks only)
+    tokenizer: Any  # None when the model directory is
     options: ModelOptions
 
 
@@ -121,8 +120,10 @@ def prepare(
         preset = replace(preset, device_blocks=device_blocks)
     if host_blocks is not None:
         preset = replace(preset, host_blocks=host_blocks)
-    model_dir = resolve_model(options.model)
-    tokenizer, tokenizer_name = load_tokenizer(model_dir)
+    # The tokenizer draws the workload and the peer chats with it; the stacks resolve `--model` themselves.
+    needs_tokenizer = not workload_path or any(m in PEER_MODES for m in modes)
+    model_dir = resolve_model(options.model) if options.model or needs_tokenizer else None
+    tokenizer, tokenizer_name = load_tokenizer(model_dir) if model_dir and needs_tokenizer else (None, "")
     if workload_path:
         workload = Workload.load(workload_path)
     else:
@@ -130,7 +131,7 @@ def prepare(
     stack_modes = [m for m in modes if m not in PEER_MODES]
     if stack_modes and not addr:
         stack_config(stack_modes[0], preset, workload, options)  # a knob the stack lacks fails now
-    return Bench(preset_name, preset, modes, workload, workload_path, model_dir, tokenizer, tokenizer_name, options)
+    return Bench(preset_name, preset, modes, workload, workload_path, model_dir, tokenizer, options)
 
 
 def run(
@@ -165,7 +166,7 @@ def execute(
             "spec": asdict(workload.spec),
             "summary": workload.summary(),
             "stack": {k: v for k, v in asdict(preset).items() if k != "workload"},
-            "model": {"dir": str(bench.model_dir), "tokenizer": bench.tokenizer_name, **options.stack_settings()},
+            "model": {"dir": str(bench.model_dir) if bench.model_dir else None, **options.stack_settings()},
             "sources": SOURCES,
             "notes": "stack modes: open-loop replay (Poisson arrivals, think time after each answer), "
             "chat conversations kept by the server, ignore_eos with max_tokens = the drawn answer length. "

@@ -99,6 +99,7 @@ def test_the_peer_builds_seeded_dummy_weights_from_config_json_in_the_asked_dtyp
         load_model(config_only_model)  # without dummy, it reads weights, and this directory has none
 
 
+@pytest.mark.model  # the default model's tokenizer (a config-only directory borrows it)
 def test_the_peer_mode_loads_the_model_with_the_given_knobs(config_only_model, monkeypatch) -> None:
     from fastswitch_bench import peer
     from fastswitch_bench.modes import run_peer_mode

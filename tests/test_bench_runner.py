@@ -12,9 +12,11 @@ import pytest
 
 from fastswitch.cli import build_parser
 from fastswitch_bench import replay as replay_module
+from fastswitch_bench.presets import PRESETS
 from fastswitch_bench.replay import PHASES
 from fastswitch_bench.report import markdown
 from fastswitch_bench.runner import main, run
+from fastswitch_bench.workload import generate
 
 REPORTED_KEYS = {
     "ttft_p50", "ttft_p95", "ttft_p99", "ttft_p999", "tbt_p50", "tbt_p95", "tbt_p99", "tbt_p999",
@@ -85,12 +87,12 @@ class FakeServer:
         turn = self.turns[conversation_id] = self.turns.get(conversation_id, 0) + 1
         seconds = dict.fromkeys(PHASES, 0.0) | {"queued": 0.001, "prefill": 0.002, "decode": 0.001 * max_tokens}
         if conversation_id.endswith(self.SLOW_TTFT) and turn == 2:
-            await asyncio.sleep(0.3)
-            seconds["preempted"] = 0.3
+            await asyncio.sleep(0.5)  # long enough that no scheduling hiccup of a loaded machine outdoes it
+            seconds["preempted"] = 0.5
         for i in range(max_tokens):
             if conversation_id.endswith(self.SLOW_GAP) and turn == 1 and i == 2:
-                await asyncio.sleep(0.2)
-                seconds["swap_in"] = 0.15
+                await asyncio.sleep(0.4)
+                seconds["swap_in"] = 0.3
             await asyncio.sleep(0)
             yield SimpleNamespace(token_ids=[7], prompt_tokens=9, reused_prefix_tokens=0, phases=None)
         yield SimpleNamespace(
@@ -98,14 +100,24 @@ class FakeServer:
         )
 
 
-def test_requests_json_keeps_each_requests_phases_and_the_report_explains_the_tails(tmp_path, monkeypatch) -> None:
+@pytest.fixture
+def tiny_workload(tmp_path) -> str:
+    """The tiny preset's workload cut by words, saved: a replay against a fake server needs no model at all."""
+    path = tmp_path / "tiny.json"
+    generate(PRESETS["tiny"].workload).save(path)
+    return str(path)
+
+
+def test_requests_json_keeps_each_requests_phases_and_the_report_explains_the_tails(
+    tmp_path, monkeypatch, tiny_workload
+) -> None:
     monkeypatch.setattr(replay_module, "AsyncClient", FakeServer)
-    results = run("tiny", ["fastswitch"], tmp_path, addr="fake:1", progress=False)
+    results = run("tiny", ["fastswitch"], tmp_path, addr="fake:1", workload_path=tiny_workload, progress=False)
     requests = json.loads((tmp_path / "requests.json").read_text())["fastswitch"]
     assert len(requests) == results["workload"]["summary"]["requests"]
     assert all(list(r["phases"]) == list(PHASES) for r in requests)
     slow = next(r for r in requests if r["conversation"] == FakeServer.SLOW_TTFT and r["turn"] == 2)
-    assert slow["phases"]["preempted"] == 0.3
+    assert slow["phases"]["preempted"] == 0.5
 
     tails = json.loads((tmp_path / "results.json").read_text())["modes"]["fastswitch"]["tails"]
     assert (tails["ttft_p99"]["conversation"], tails["ttft_p99"]["turn"]) == (FakeServer.SLOW_TTFT, 2)
@@ -119,14 +131,37 @@ def test_requests_json_keeps_each_requests_phases_and_the_report_explains_the_ta
     assert (tmp_path / "tail_phases.png").stat().st_size > 1000
 
 
-def test_a_server_without_phases_leaves_them_null_and_the_report_says_so(tmp_path, monkeypatch) -> None:
+def test_a_server_without_phases_leaves_them_null_and_the_report_says_so(tmp_path, monkeypatch, tiny_workload) -> None:
     monkeypatch.setattr(replay_module, "AsyncClient", type("OldServer", (FakeServer,), {"phases": False}))
-    run("tiny", ["fastswitch"], tmp_path, addr="fake:1", progress=False, conversations=1)
+    run("tiny", ["fastswitch"], tmp_path, addr="fake:1", workload_path=tiny_workload, progress=False)
     requests = json.loads((tmp_path / "requests.json").read_text())["fastswitch"]
     assert requests and all(r["phases"] is None for r in requests)
     assert "No per-request phases from the server in fastswitch" in (tmp_path / "results.md").read_text()
 
 
+class HangingServer(FakeServer):
+    """Stops sending tokens in the middle of conversation SLOW_TTFT's first turn."""
+
+    async def generate(self, prompt: str, *, conversation_id: str, max_tokens: int, **kw: object):  # noqa: ANN201
+        async for chunk in super().generate(prompt, conversation_id=conversation_id, max_tokens=max_tokens, **kw):
+            yield chunk
+            if conversation_id.endswith(self.SLOW_TTFT):
+                await asyncio.sleep(3600)
+
+
+def test_the_watchdog_cuts_a_stalled_replay_short_and_the_report_says_so(tmp_path, monkeypatch, tiny_workload) -> None:
+    monkeypatch.setattr(replay_module, "AsyncClient", HangingServer)
+    results = run("tiny", ["fastswitch"], tmp_path, "fake:1", tiny_workload, progress=False, stall_timeout_s=0.5)
+    m = results["modes"]["fastswitch"]
+    assert m["stalled"] and "STALLED" in m["notes"]
+    requests = json.loads((tmp_path / "requests.json").read_text())["fastswitch"]
+    hung = [r for r in requests if r["conversation"] == HangingServer.SLOW_TTFT]
+    assert [(r["turn"], r["tokens"], r["error"][:8]) for r in hung] == [(1, 1, "stalled:")]
+    assert m["failed_requests"] == 1 and m["unfinished_requests"] == 2  # the hung turn and the one never sent
+    assert "the server stalled; replay cut short" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.model  # the default model's tokenizer
 def test_a_config_only_model_directory_borrows_the_default_tokenizer(tmp_path) -> None:
     from fastswitch_bench.runner import load_tokenizer
     from svc_common.model_source import resolve_model
