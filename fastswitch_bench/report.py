@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fastswitch_bench.modes import BASELINE, PEER_MODES, PEER_NOTES
+from fastswitch_bench.modes import BASELINE, PEER_MODES, PEER_NOTES, ModeRun
 from fastswitch_bench.replay import PHASES, RequestRecord
 
 PERCENTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0), ("p999", 99.9))
@@ -91,6 +91,16 @@ def summarise(records: list[RequestRecord], wall_s: float, counters: dict[str, f
             **percentiles([r.ttft_s for r in mine if r.ttft_s is not None], "ttft"),
         }
     return out
+
+
+def summarise_mode(run: ModeRun, num_requests: int) -> dict[str, Any]:
+    """A mode's entry in results.json: `summarise`d, with what did not finish and the run's notes."""
+    result = summarise(run.records, run.wall_s, run.counters)
+    result["unfinished_requests"] = num_requests - (result["requests"] - result["failed_requests"])
+    result["stalled"] = run.stalled
+    result["notes"] = run.notes
+    result["server_stats"] = run.counters
+    return result
 
 
 # -- the tails explained --------------------------------------------------------------------------------

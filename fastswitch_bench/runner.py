@@ -25,7 +25,6 @@ from fastswitch_bench.modes import (
     PEER_MODES,
     PEER_NOTES,
     ModelOptions,
-    ModeRun,
     parse_modes,
     run_peer_mode,
     run_stack_mode,
@@ -33,7 +32,7 @@ from fastswitch_bench.modes import (
 )
 from fastswitch_bench.plots import plot
 from fastswitch_bench.presets import PRESETS, Preset
-from fastswitch_bench.report import add_ratios, markdown, summarise, write_json
+from fastswitch_bench.report import add_ratios, markdown, summarise_mode, write_json
 from fastswitch_bench.workload import SOURCES, Workload, generate, hf_token_counter
 
 # Files that make a directory's tokenizer; a config-only directory (for --load-format dummy) has none.
@@ -70,23 +69,14 @@ def build_workload(preset: Preset, tokenizer: Any, tokenizer_name: str, **overri
     return generate(spec, hf_token_counter(tokenizer), tokenizer_name)
 
 
-def summarise_mode(run: ModeRun, workload: Workload) -> dict[str, Any]:
-    """A mode's entry in results.json."""
-    result = summarise(run.records, run.wall_s, run.counters)
-    result["unfinished_requests"] = workload.num_requests - (result["requests"] - result["failed_requests"])
-    result["stalled"] = run.stalled
-    result["notes"] = run.notes
-    result["server_stats"] = run.counters
-    return result
-
-
 @dataclass(slots=True)
 class Bench:
-    """A checked run, ready to go: what `run` replays, every input already validated."""
+    """A checked run, ready to go: every input validated, the workload drawn or loaded."""
 
     preset_name: str
     preset: Preset
     modes: list[str]
+    addr: str | None  # a running stack to replay against instead of starting one per mode
     workload: Workload
     workload_path: str | None
     model_dir: pathlib.Path | None  # None: neither given nor needed (a saved workload against stacks only)
@@ -131,7 +121,7 @@ def prepare(
     stack_modes = [m for m in modes if m not in PEER_MODES]
     if stack_modes and not addr:
         stack_config(stack_modes[0], preset, workload, options)  # a knob the stack lacks fails now
-    return Bench(preset_name, preset, modes, workload, workload_path, model_dir, tokenizer, options)
+    return Bench(preset_name, preset, modes, addr, workload, workload_path, model_dir, tokenizer, options)
 
 
 def run(
@@ -147,12 +137,10 @@ def run(
     """Run `modes` (default: all) on one workload; write results.json/.md, requests.json and plots to out.
     `settings` are `prepare`'s."""
     bench = prepare(preset_name, modes, addr, workload_path, **settings)
-    return execute(bench, out, addr, progress, stall_timeout_s)
+    return execute(bench, out, progress, stall_timeout_s)
 
 
-def execute(
-    bench: Bench, out: pathlib.Path, addr: str | None = None, progress: bool = True, stall_timeout_s: float = 60.0
-) -> dict[str, Any]:
+def execute(bench: Bench, out: pathlib.Path, progress: bool = True, stall_timeout_s: float = 60.0) -> dict[str, Any]:
     """Run every mode of a prepared bench, one after the other, and write the outputs."""
     workload, preset, options = bench.workload, bench.preset, bench.options
     out.mkdir(parents=True, exist_ok=True)
@@ -187,8 +175,8 @@ def execute(
         if mode in PEER_MODES:
             mode_run = run_peer_mode(str(bench.model_dir), bench.tokenizer, preset, workload, progress, options)
         else:
-            mode_run = run_stack_mode(mode, preset, workload, out, addr, progress, stall_timeout_s, options)
-        result = summarise_mode(mode_run, workload)
+            mode_run = run_stack_mode(mode, preset, workload, out, bench.addr, progress, stall_timeout_s, options)
+        result = summarise_mode(mode_run, workload.num_requests)
         result["mode_total_s"] = time.perf_counter() - t  # start-up and shut-down included
         result["load_avg_1m"] = os.getloadavg()[0]  # others' work on the machine makes timings noisy
         results["modes"][mode] = result
@@ -229,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"fastswitch bench: error: {err}", file=sys.stderr)
         return 2
-    results = execute(bench, out, args.addr, progress=not args.no_progress, stall_timeout_s=args.stall_timeout)
+    results = execute(bench, out, progress=not args.no_progress, stall_timeout_s=args.stall_timeout)
     if args.json:
         write_json(pathlib.Path(args.json), results)
     print(markdown(results))
