@@ -86,37 +86,42 @@ def plot_throughput(results: dict[str, Any], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def tail_bars(results: dict[str, Any]) -> list[tuple[str, float, dict[str, float]]]:
-    """(label, tail value s, seconds per phase) for every explained tail with phases, mode by mode."""
+def tail_bars(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(label, tail) for every explained tail with phases, mode by mode."""
     bars = []
     for mode, m in results["modes"].items():
         for key, t in (m.get("tails") or {}).items():
-            if t and t.get("phases"):
-                bars.append((f"{mode}\n{TAIL_LABELS.get(key, key)}", t["seconds"], t["phases"]))
+            if t and t.get("phases") and any(t["phases"].values()):
+                bars.append((f"{mode}\n{TAIL_LABELS.get(key, key)}", t))
     return bars
 
 
 def plot_tail_phases(results: dict[str, Any], path: pathlib.Path) -> bool:
-    """Stacked bars: the seconds per phase of each mode's P99 TTFT request and P99.9 TBT request, with the
-    tail value itself marked. False (and no file) when no mode has phases."""
+    """Stacked bars, one per mode and tail (its P99 TTFT request, the request of its P99.9 TBT gap): the share
+    of that request's server time in each phase, labelled with the tail value and the phase it went to.
+    Shares, not seconds, so that modes whose tails differ a hundredfold stay readable side by side.
+    False (and no file) when no mode has phases."""
     import matplotlib.pyplot as plt
 
     bars = tail_bars(results)
     if not bars:
         return False
-    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(bars) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.9 * len(bars) + 2.5), 4.4))
     xs = np.arange(len(bars))
+    totals = np.array([sum(t["phases"].values()) for _, t in bars])
     bottom = np.zeros(len(bars))
     for phase in PHASES:
-        heights = np.array([phases.get(phase, 0.0) for _, _, phases in bars])
-        ax.bar(xs, heights, bottom=bottom, color=PHASE_COLOURS[phase], label=phase, width=0.7)
-        bottom += heights
-    ax.scatter(xs, [value for _, value, _ in bars], marker="_", s=600, color="black", zorder=3, label="tail value")
-    ax.set_xticks(xs, [label for label, _, _ in bars], fontsize=7)
-    ax.set_ylabel("seconds (the request's totals per phase)")
-    ax.set_title("Where the tail requests' time went")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(True, axis="y", alpha=0.3)
+        shares = 100 * np.array([t["phases"].get(phase, 0.0) for _, t in bars]) / totals
+        ax.bar(xs, shares, bottom=bottom, color=PHASE_COLOURS[phase], label=phase, width=0.7)
+        bottom += shares
+    for x, (_, t) in zip(xs, bars, strict=True):
+        ax.text(x, 101, f"{t['seconds']:.2f} s\n{t['went_to']}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, [label for label, _ in bars], fontsize=7)
+    ax.set_ylim(0, 118)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("% of the request's time on the server")
+    ax.set_title("Where the tail requests' time went (label: the tail value, the phase it went to)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
