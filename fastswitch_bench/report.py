@@ -326,8 +326,8 @@ def tails_markdown(modes: dict[str, dict[str, Any]]) -> list[str]:
         lines += _table(["mode", "tail", "request", "s", *PHASES, "went to"], explained)
     if silent:
         lines += [
-            "",
-            f"No per-request phases from the server in {', '.join(silent)}: its stack does not report them yet, "
-            "so these tails cannot be explained.",
+            *([""] if explained else []),
+            f"No per-request phases from the server in {', '.join(silent)}: a stack from before the scheduler "
+            "reported them, so these tails cannot be explained.",
         ]
     return lines

@@ -221,8 +221,6 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         write_json(pathlib.Path(args.json), results)
     print(markdown(results))
-    print(
-        f"results in {out}/ (results.json, results.md, requests.json, workload.json, ttft_cdf.png, tbt_cdf.png, "
-        f"throughput.png, tail_phases.png); total {time.perf_counter() - started:.0f} s"
-    )
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    print(f"results in {out}/ ({', '.join(files)}); total {time.perf_counter() - started:.0f} s")
     return 0
