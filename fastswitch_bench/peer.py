@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
+from transformers import AutoModelForCausalLM, ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -118,6 +118,8 @@ def load_model(
         raise ValueError(f"unknown load format {load_format!r}; choose from auto, dummy")
     with _quiet_transformers():
         if load_format == "dummy":
+            from transformers import AutoConfig
+
             config = AutoConfig.from_pretrained(os.fspath(model_dir))
             with torch.random.fork_rng():
                 torch.manual_seed(0)
