@@ -205,6 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--priority-update-prob", type=float, default=None, help="per live request, per iteration")
     bench.add_argument("--device-blocks", type=int, default=None, help="override the preset's device KV pool")
     bench.add_argument("--host-blocks", type=int, default=None, help="override the preset's host KV pool")
+    bench.add_argument("--model", default=None, help="HF directory or GGUF file for the stack and the peer")
+    bench.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    bench.add_argument(
+        "--load-format", choices=["auto", "dummy"], default=None, help="dummy: random weights from config.json"
+    )
+    bench.add_argument("--executors", type=int, default=None, help="executor nodes per stack")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument(
         "--stall-timeout", type=float, default=60.0, help="end a mode's replay after this long without a token"

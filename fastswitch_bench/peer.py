@@ -95,10 +95,37 @@ def _quiet_transformers() -> Iterator[None]:
         cb_logger.setLevel(old_cb)
 
 
-def load_model(model_dir: str | os.PathLike) -> torch.nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peer_dtype(dtype: str | None) -> torch.dtype:
+    """The torch dtype for a `--dtype` value. The peer runs on the CPU, where `auto` (or none given)
+    means fp32, as it does for the executor."""
+    if dtype in (None, "auto"):
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model_dir: str | os.PathLike, dtype: str | None = None, load_format: str | None = None
+) -> torch.nn.Module:
+    """The model as the executor loads it: `dtype` as `--dtype`; `load_format="dummy"` builds random
+    weights (seeded) from the directory's config.json instead of reading weights, as `--load-format dummy`."""
     _setup_torch()
+    if load_format not in (None, "auto", "dummy"):
+        raise ValueError(f"unknown load format {load_format!r}; choose from auto, dummy")
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=torch.float32)
+        if load_format == "dummy":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(os.fspath(model_dir))
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config, dtype=peer_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=peer_dtype(dtype))
     model.eval()
     return model
 
