@@ -95,6 +95,9 @@ class TokenChunk:
     produced_unix_ns: int
     prompt_tokens: int = 0
     reused_prefix_tokens: int = 0
+    # On the last chunk: seconds the request spent queued, blocked (waiting for KV blocks), in swap_in,
+    # prefill, preempted and decode.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, msg: api_pb2.GenerateResponse) -> TokenChunk:
@@ -106,7 +109,12 @@ class TokenChunk:
             produced_unix_ns=msg.produced_unix_ns,
             prompt_tokens=msg.prompt_tokens,
             reused_prefix_tokens=msg.reused_prefix_tokens,
+            phases=_phases(msg) if msg.HasField("phases") else {},
         )
+
+
+def _phases(msg: api_pb2.GenerateResponse) -> dict[str, float]:
+    return {f.name: getattr(msg.phases, f.name) for f in api_pb2.RequestPhases.DESCRIPTOR.fields}
 
 
 @dataclass(slots=True)
@@ -117,6 +125,7 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     reused_prefix_tokens: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (see TokenChunk)
 
     def add(self, chunk: TokenChunk) -> None:
         self.request_id = chunk.request_id
@@ -125,6 +134,7 @@ class Completion:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self.reused_prefix_tokens = chunk.reused_prefix_tokens or self.reused_prefix_tokens
+        self.phases = chunk.phases or self.phases
 
 
 def build_request(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scheduler_svc.vtc import check_prices
 from svc_common.settings import setting
+from svc_common.swap import Granularity
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
@@ -56,6 +58,10 @@ class SchedulerConfig:
         600.0, flag="--conversation-ttl", env="FASTSWITCH_CONVERSATION_TTL_S",
         help="seconds an idle conversation's KV and history are kept",
     )  # fmt: skip
+    max_conversations: int = setting(
+        10_000, env="FASTSWITCH_MAX_CONVERSATIONS",
+        help="conversations kept at once (history and KV); the least recently used idle one goes first",
+    )  # fmt: skip
     conversation_host_blocks: int = setting(
         0, env="FASTSWITCH_CONVERSATION_HOST_BLOCKS",
         help="host blocks that idle conversations' KV may hold (0: the whole host pool)",
@@ -82,8 +88,8 @@ class SchedulerConfig:
     )  # fmt: skip
 
     @property
-    def copy_granularity(self) -> str:
-        return "run" if self.block_groups and self.preemption != "vllm-like" else "block_layer"
+    def copy_granularity(self) -> Granularity:
+        return Granularity.RUN if self.block_groups and self.preemption != "vllm-like" else Granularity.BLOCK_LAYER
 
     @property
     def swaps_stall(self) -> bool:
@@ -113,6 +119,11 @@ class SchedulerConfig:
             raise ValueError(f"priority update probability must be in [0, 1], got {self.priority_update_prob}")
         if self.priority_levels < 1:
             raise ValueError(f"priority levels must be >= 1, got {self.priority_levels}")
+        if self.conversation_ttl_s <= 0:
+            raise ValueError(f"conversation TTL must be > 0 seconds, got {self.conversation_ttl_s}")
+        if self.max_conversations < 1:
+            raise ValueError(f"max conversations must be >= 1, got {self.max_conversations}")
+        check_prices(self.vtc_prompt_price, self.vtc_gen_price, self.tenant_weights)
         if self.conversation_host_blocks < 0:
             raise ValueError(f"conversation host blocks must be >= 0, got {self.conversation_host_blocks}")
         if not self.executor_addr:

@@ -1,10 +1,10 @@
-"""The scheduler's async engine: drives the executor stream and feeds clients their tokens.
+"""The request front: what the client API calls (submit, stream, cancel, set_priority, end_conversation,
+stats), in front of the scheduler and the executor link that drives it.
 
-One step is in flight at a time: schedule -> send the plan -> await the result -> apply it ->
-stream the new text. Client calls (submit, cancel) only touch the Scheduler between steps, on the
-event loop, so no block can be reused while a step that writes it is running. If the executor stream
-breaks, every running request is requeued to recompute from its tokens and the engine reconnects;
-requests fail with UNAVAILABLE only if no executor comes back within `executor_timeout_s`.
+`submit()` validates a request, builds its prompt (a conversation's history from the scheduler's
+conversation cache, plus the new turn) and queues it; the executor link's step loop hands back each
+step's tokens, which are detokenised here and streamed to the client. A request's last chunk
+carries its finish reason and the seconds it spent in each phase.
 """
 
 from __future__ import annotations
@@ -13,30 +13,22 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 import structlog
 
-from fastswitch.v1 import executor_pb2, executor_pb2_grpc, swap_pb2, swap_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
-from scheduler_svc.scheduler import Scheduler, SwapOrder
+from scheduler_svc.executor_link import ExecutorLink
+from scheduler_svc.scheduler import Scheduler, TokenEvent
 from scheduler_svc.sequence import Finish, Sequence
-from svc_common.errors import (
-    AlreadyExists,
-    InvalidArgument,
-    NotFoundError,
-    ResourceExhaustedError,
-    Unavailable,
-)
-from svc_common.plan import Sampling, StepOutput
-from svc_common.server import CHANNEL_OPTIONS
+from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
+from svc_common.plan import Sampling
 
 log = structlog.get_logger(__name__)
 
-DESCRIBE_DEADLINE_S = 10.0
+COMPLETED = (Finish.LENGTH, Finish.EOS, Finish.STOP)
 
 
 @dataclass(slots=True)
@@ -47,6 +39,7 @@ class Chunk:
     text: str
     produced_unix_ns: int
     finish: Finish | None = None
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, on the last chunk
 
 
 @dataclass(slots=True)
@@ -67,13 +60,12 @@ class GenerateInput:
 class _Live:
     """Per-request streaming state, kept beside the Sequence."""
 
-    __slots__ = ("seq", "queue", "detok", "conversation", "started")
+    __slots__ = ("seq", "queue", "detok", "started")
 
-    def __init__(self, seq: Sequence, detok: Detokenizer, conversation: tuple[str, str] | None) -> None:
+    def __init__(self, seq: Sequence, detok: Detokenizer) -> None:
         self.seq = seq
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self.detok = detok
-        self.conversation = conversation
         self.started = time.monotonic()
 
 
@@ -82,18 +74,10 @@ class Engine:
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        self.info: executor_pb2.ExecutorInfo | None = None
         self.scheduler: Scheduler | None = None
         self.live: dict[str, _Live] = {}
-        # (tenant, conversation id) -> chat messages so far
-        self.conversations: dict[tuple[str, str], list[dict[str, str]]] = {}
-        self._wake = asyncio.Event()
-        self._channel: grpc.aio.Channel | None = None
-        self._task: asyncio.Task[None] | None = None
+        self.link = ExecutorLink(config, on_tokens=self._on_tokens, on_gone=self._fail_all)
         self._started = time.monotonic()
-        self._swap_call: Any = None
-        self._swap_task: asyncio.Task[None] | None = None
-        self._swap_landed = asyncio.Event()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -101,281 +85,75 @@ class Engine:
         """Connect to the executor (waiting for it to be ready), then run the step loop."""
         if tokenizer is not None:
             self.tokenizer = tokenizer
-        self._channel = grpc.aio.insecure_channel(self.config.executor_addr, options=CHANNEL_OPTIONS)
-        stub = executor_pb2_grpc.ExecutorStub(self._channel)
-        self.info = await self._describe(stub, wait_s=self.config.executor_timeout_s)
-        eos = self._eos_ids()
-        policy = None
-        if self.config.policy == "vtc":
-            from scheduler_svc.vtc import VirtualTokenCounter
-
-            policy = VirtualTokenCounter(
-                self.config.vtc_prompt_price, self.config.vtc_gen_price, self.config.tenant_weights or None
-            )
-        self.scheduler = Scheduler(self.config, self.info.num_blocks, self.info.block_size, eos, policy)
+        info = await self.link.connect()
+        eos = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
+        self.scheduler = Scheduler(self.config, info.num_blocks, info.block_size, eos)
         log.info(
             "executor_attached",
             executor=self.config.executor_addr,
-            blocks=self.info.num_blocks,
-            block_size=self.info.block_size,
+            blocks=info.num_blocks,
+            block_size=info.block_size,
             policy=self.config.policy,
         )
-        self._task = asyncio.create_task(self._run(stub), name="step-loop")
-        if self.config.swapd_addr and self.config.preemption != "recompute":
-            self._swap_task = asyncio.create_task(self._swap_client(), name="swap-client")
+        self.link.run(self.scheduler)
 
     async def stop(self) -> None:
-        if self._swap_task is not None:
-            self._swap_task.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self.link.stop()
         for live in list(self.live.values()):
             self._end(live, Finish.CANCELLED)
-        if self._channel is not None:
-            await self._channel.close()
 
-    async def _describe(self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float) -> executor_pb2.ExecutorInfo:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                return await stub.Describe(executor_pb2.DescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
-            except grpc.aio.AioRpcError as err:
-                if time.monotonic() > deadline:
-                    raise Unavailable(
-                        f"executor at {self.config.executor_addr} not ready after {wait_s:.0f}s: {err.details()}"
-                    ) from err
-                await asyncio.sleep(0.5)
+    # -- tokens from the step loop ----------------------------------------------------------------
 
-    def _eos_ids(self) -> set[int]:
-        ids: set[int] = set()
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        return ids
-
-    # -- the swap daemon --------------------------------------------------------------------------
-
-    async def _swap_client(self) -> None:
-        """Keep one Swap stream to the daemon; apply completions as they arrive."""
-        sched, info = self.scheduler, self.info
-        assert sched is not None and info is not None
-        channel = grpc.aio.insecure_channel(self.config.swapd_addr, options=CHANNEL_OPTIONS)
-        stub = swap_pb2_grpc.SwapDaemonStub(channel)
-        try:
-            while True:
-                try:
-                    daemon = await stub.Describe(swap_pb2.SwapDescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
-                    call = stub.Swap()
-                    attach = swap_pb2.Attach(
-                        pool_handle=info.pool_handle,
-                        num_device_blocks=info.num_blocks,
-                        block_bytes=info.block_bytes,
-                        num_layers=info.num_layers,
-                    )
-                    await call.write(swap_pb2.SwapCommand(attach=attach))
-                    self._swap_call = call
-                    sched.attach_host_pool(daemon.num_host_blocks)
-                    log.info(
-                        "swap_daemon_attached",
-                        addr=self.config.swapd_addr,
-                        host_blocks=daemon.num_host_blocks,
-                    )
-                    async for done in call:
-                        self._on_swap_done(done)
-                    raise grpc.aio.AioRpcError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        grpc.aio.Metadata(),
-                        grpc.aio.Metadata(),
-                        "swap stream ended",
-                    )
-                except grpc.aio.AioRpcError as err:
-                    self._swap_call = None
-                    if sched.host is not None:
-                        log.warning("swap_daemon_lost", code=err.code().name, details=err.details())
-                        sched.on_swap_daemon_lost()
-                        self._swap_landed.set()
-                        self._wake.set()
-                    await asyncio.sleep(1.0)
-        finally:
-            await channel.close()
-
-    async def _restart_swap_client(self) -> None:
-        """A new executor has a new KV pool: the daemon must map that one, not the old one.
-
-        Copies still in flight refer to the old pool, so their requests recompute.
-        """
-        if self._swap_task is None:
-            return
-        self._swap_task.cancel()
-        try:
-            await self._swap_task
-        except asyncio.CancelledError:
-            pass
-        self._swap_call = None
-        if self.scheduler is not None and self.scheduler.host is not None:
-            self.scheduler.on_swap_daemon_lost()
-        self._swap_task = asyncio.create_task(self._swap_client(), name="swap-client")
-
-    def _on_swap_done(self, done: swap_pb2.SwapDone) -> None:
-        sched = self.scheduler
-        assert sched is not None
-        order = sched.swaps.get(done.swap_id)
-        if order is not None:
-            c = sched.stats.counters
-            c["swap_out_bytes" if order.direction == "out" else "swap_in_bytes"] += done.bytes
-            c["copy_calls"] += done.copy_calls
-            c["swap_copy_s"] += done.duration_ns / 1e9
-            if not done.ok:
-                log.warning("swap_failed", swap_id=done.swap_id, error=done.error)
-        sched.on_swap_done(done.swap_id, done.ok)
-        self._swap_landed.set()
-        self._wake.set()
-
-    async def _send_swaps(self, orders: list[SwapOrder]) -> None:
-        sched = self.scheduler
-        assert sched is not None
-        granularity = {
-            "run": swap_pb2.COPY_GRANULARITY_RUN,
-            "block_layer": swap_pb2.COPY_GRANULARITY_BLOCK_LAYER,
-        }
-        for order in orders:
-            call = self._swap_call
-            if call is None:
-                sched.on_swap_done(order.swap_id, ok=False)  # no daemon: recompute instead
+    def _on_tokens(self, events: list[TokenEvent], produced_ns: int) -> None:
+        for event in events:
+            live = self.live.get(event.seq.request_id)
+            if live is None:
                 continue
-            command = swap_pb2.SwapCommand(
-                swap_id=order.swap_id,
-                direction=swap_pb2.SWAP_DIRECTION_OUT if order.direction == "out" else swap_pb2.SWAP_DIRECTION_IN,
-                runs=[swap_pb2.BlockRun(device_start=d, host_start=h, num_blocks=n) for d, h, n in order.runs],
-                granularity=granularity[order.granularity],
-            )
-            try:
-                await call.write(command)
-            except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):
-                sched.on_swap_done(order.swap_id, ok=False)
+            self._emit(live, event.token_id, produced_ns)
+            # A step finishes only requests it produced a token for (length, EOS, stop string).
+            if live.seq.finished:
+                self._end(live, live.seq.finish or Finish.CANCELLED)
 
-    async def _wait_swaps(self, swap_ids: set[int]) -> None:
-        """Synchronous swaps (vllm-like): the step waits until these copies land, the stall that mode pays."""
-        sched = self.scheduler
-        assert sched is not None
-        start = time.perf_counter()
-        while swap_ids & sched.swaps.keys():
-            self._swap_landed.clear()
-            await self._swap_landed.wait()
-        sched.stats.counters["swap_stall_s"] += time.perf_counter() - start
-
-    # -- the step loop ----------------------------------------------------------------------------
-
-    async def _run(self, stub: executor_pb2_grpc.ExecutorStub) -> None:
-        assert self.scheduler is not None
-        lost_since: float | None = None
-        while True:
-            call = stub.Execute()
-            try:
-                lost_since = None
-                await self._drive(call)
-            except grpc.aio.AioRpcError as err:
-                call.cancel()
-                lost_since = lost_since or time.monotonic()
-                log.warning("executor_lost", code=err.code().name, details=err.details())
-                self.scheduler.reset_executor_state()
-                self.scheduler.stats.counters["executor_reconnects"] += 1
-                await self._await_executor(stub, lost_since)
-                await self._restart_swap_client()
-
-    async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub, lost_since: float) -> None:
-        while True:
-            try:
-                info = await stub.Describe(executor_pb2.DescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
-                assert self.info is not None
-                if (info.num_blocks, info.block_size) != (self.info.num_blocks, self.info.block_size):
-                    log.error("executor_geometry_changed", old=self.info.num_blocks, new=info.num_blocks)
-                self.info = info
-                log.info("executor_reattached", pool=info.pool_handle)
-                return
-            except grpc.aio.AioRpcError:
-                if time.monotonic() - lost_since > self.config.executor_timeout_s:
-                    for live in list(self.live.values()):
-                        self._fail(live, "executor unavailable; the request could not be completed")
-                await asyncio.sleep(0.5)
-
-    async def _drive(self, call: Any) -> None:
-        sched = self.scheduler
-        assert sched is not None
-        while True:
-            # Cleared before scheduling, never after an await: a copy landing while the orders are
-            # being sent must wake the next iteration, not be forgotten (that was a hang).
-            self._wake.clear()
-            plan = sched.schedule()
-            orders = sched.take_swap_orders()
-            if orders:
-                await self._send_swaps(orders)
-                if self.config.swaps_stall:
-                    await self._wait_swaps({o.swap_id for o in orders})
-            if plan is None:
-                stalled = bool(sched.swaps)
-                start = time.perf_counter()
-                await self._wake.wait()
-                if stalled:
-                    sched.stats.counters["swap_stall_s"] += time.perf_counter() - start
-                continue
-            await call.write(plan.to_proto())
-            result = await call.read()
-            if result is grpc.aio.EOF:
-                raise grpc.aio.AioRpcError(
-                    grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "executor closed"
-                )
-            now_ns = time.time_ns()
-            output = StepOutput.from_proto(result)
-            sched.stats.counters["forward_s"] += output.forward_ns / 1e9
-            for event in sched.on_step_output(output):
-                live = self.live.get(event.seq.request_id)
-                if live is not None:
-                    self._emit(live, event.token_id, now_ns)
-                    # A step finishes only requests it produced a token for (length, EOS, stop string).
-                    if live.seq.finished:
-                        self._end(live, live.seq.finish or Finish.CANCELLED)
-
-    def _emit(self, live: _Live, token_id: int, now_ns: int) -> None:
+    def _emit(self, live: _Live, token_id: int, produced_ns: int) -> None:
         text = live.detok.add(token_id)
         if live.detok.stopped and not live.seq.finished:
             assert self.scheduler is not None
             self.scheduler.finish(live.seq, Finish.STOP)
-        live.queue.put_nowait(Chunk([token_id], text, now_ns))
+        live.queue.put_nowait(Chunk([token_id], text, produced_ns))
 
     def _end(self, live: _Live, finish: Finish) -> None:
-        self.live.pop(live.seq.request_id, None)
+        seq = live.seq
+        self.live.pop(seq.request_id, None)
         tail = live.detok.flush() if finish is not Finish.CANCELLED else ""
-        if live.conversation is not None and finish in (Finish.LENGTH, Finish.EOS, Finish.STOP):
-            history = self.conversations.setdefault(live.conversation, [])
-            history.append({"role": "assistant", "content": live.detok.text[: live.detok.sent] + tail})
-        live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish))
+        if seq.conversation is not None and finish in COMPLETED and self.scheduler is not None:
+            self.scheduler.conversations.record_answer(seq.conversation, live.detok.text[: live.detok.sent] + tail)
+        phases = seq.phases.seconds()
+        live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish, phases))
         log.info(
             "request_finished",
-            request_id=live.seq.request_id,
-            tenant=live.seq.tenant,
+            request_id=seq.request_id,
+            tenant=seq.tenant,
             finish=finish.value,
-            prompt_tokens=live.seq.num_prompt,
-            output_tokens=len(live.seq.output_ids),
-            preemptions=live.seq.preemptions,
+            prompt_tokens=seq.num_prompt,
+            output_tokens=len(seq.output_ids),
+            preemptions=seq.preemptions,
             latency_s=round(time.monotonic() - live.started, 4),
+            **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
         )
 
-    def _fail(self, live: _Live, message: str) -> None:
-        assert self.scheduler is not None
-        self.scheduler.abort(live.seq.request_id, Finish.ERROR)
-        self.live.pop(live.seq.request_id, None)
-        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+    def _fail_all(self, message: str) -> None:
+        for live in list(self.live.values()):
+            if self.scheduler is not None:
+                self.scheduler.abort(live.seq.request_id, Finish.ERROR)
+            self.live.pop(live.seq.request_id, None)
+            live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
 
     # -- client-facing operations -----------------------------------------------------------------
 
     def submit(self, req: GenerateInput) -> Sequence:
         """Validate and enqueue; raises a ServingError (mapped to a status) and changes no state."""
-        sched, info = self.scheduler, self.info
-        if sched is None or info is None or self._task is None:
+        sched, info = self.scheduler, self.link.info
+        if sched is None or info is None or not self.link.running:
             raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
         if not req.prompt:
             raise InvalidArgument("prompt is empty: send at least one character of text")
@@ -392,7 +170,7 @@ class Engine:
         if request_id in self.live:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
         conversation = (tenant, req.conversation_id) if req.conversation_id else None
-        messages = list(self.conversations.get(conversation, [])) if conversation else []
+        messages = sched.conversations.messages(conversation) if conversation else []
         if req.system_prompt and not messages:
             messages.append({"role": "system", "content": req.system_prompt})
         messages.append({"role": "user", "content": req.prompt})
@@ -422,11 +200,9 @@ class Engine:
             priority=req.priority,
             conversation=conversation,
         )
-        if conversation is not None:
-            self.conversations[conversation] = messages
-        self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop), conversation)
-        sched.add(seq)
-        self._wake.set()
+        sched.add(seq, messages if conversation else None)  # the last check: room for a new conversation
+        self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop))
+        self.link.wake()
         return seq
 
     def _tokenize(self, messages: list[dict[str, str]], chat: bool) -> list[int]:
@@ -465,61 +241,32 @@ class Engine:
                 return
             raise NotFoundError(f"no live request with id {request_id!r} (finished, cancelled or never sent)")
         self._end(live, Finish.CANCELLED)
-        self._wake.set()
+        self.link.wake()
 
     def set_priority(self, request_id: str, priority: int) -> None:
         live = self.live.get(request_id)
         if live is None:
             raise NotFoundError(f"no live request with id {request_id!r}")
         live.seq.priority = priority
-        self._wake.set()
+        self.link.wake()
 
     def end_conversation(self, tenant: str, conversation_id: str) -> None:
-        key = (tenant or "default", conversation_id)
-        if self.scheduler is not None:
-            self.scheduler.drop_conversation(key)
-        if self.conversations.pop(key, None) is None:
-            raise NotFoundError(f"tenant {tenant or 'default'!r} has no conversation {conversation_id!r}")
+        tenant = tenant or "default"
+        if self.scheduler is None or not self.scheduler.conversations.end((tenant, conversation_id)):
+            raise NotFoundError(f"tenant {tenant!r} has no conversation {conversation_id!r}")
+        self.link.wake()
 
     def stats(self) -> dict[str, float]:
-        sched = self.scheduler
-        counters: dict[str, float] = {
-            "preemptions": 0,
-            "swap_out_bytes": 0,
-            "swap_in_bytes": 0,
-            "copy_calls": 0,
-            "swap_stall_s": 0.0,
-            "recomputed_tokens": 0,
-            "reused_prefix_tokens": 0,
-            "reused_from_host_tokens": 0,
-            "recomputed_prefix_tokens": 0,
-            "swap_out_bytes_saved": 0,
-            "kept_kv_spilled": 0,
-            "kept_kv_evicted": 0,
-            "kept_kv_host_evicted": 0,
-            "kept_kv_expired": 0,
-            "swap_fallback_recompute": 0,
-            "device_blocks_free": 0,
-            "host_blocks_free": 0,
-        }
+        counters: dict[str, float] = {"swap_out_bytes_saved": 0, "device_blocks_free": 0, "host_blocks_free": 0}
+        sched, info = self.scheduler, self.link.info
         if sched is not None:
-            counters.update({k: float(v) for k, v in sched.stats.counters.items()})
-            block_bytes = self.info.block_bytes if self.info is not None else 0
+            counters.update(sched.stats.counters())
+            counters.update(sched.gauges())
+            block_bytes = info.block_bytes if info is not None else 0
             counters["kv_block_bytes"] = block_bytes
             # Blocks whose host copy was still valid at a swap-out: bytes that did not move.
-            counters["swap_out_bytes_saved"] = sched.stats.counters["swap_out_blocks_saved"] * block_bytes
-            counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants.values()))
-            counters["device_blocks_free"] = sched.allocator.num_free
-            counters["device_blocks_total"] = sched.allocator.num_blocks
-            counters["swaps_in_flight"] = len(sched.swaps)
-            counters["kept_conversations"] = len(sched.kept)
-            counters["kept_kv_blocks"] = sum(len(k.blocks) for k in sched.kept.values())
-            counters["kept_kv_host_blocks"] = sum(len(k.host_blocks) for k in sched.kept.values())
-            if sched.host is not None:
-                counters["host_blocks_free"] = sched.host.num_free
-                counters["host_blocks_total"] = sched.host.num_blocks
-            counters["running"] = len(sched.running)
-            counters["waiting"] = len(sched.waiting)
+            counters["swap_out_bytes_saved"] = sched.stats.counter("swap_out_blocks_saved") * block_bytes
+            counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants().values()))
         counters["live_requests"] = len(self.live)
         counters["uptime_s"] = time.monotonic() - self._started
         return counters
@@ -531,5 +278,5 @@ class Engine:
         prices = (self.config.vtc_prompt_price, self.config.vtc_gen_price)
         return {
             name: (t.weighted(*prices), t.prompt_tokens, t.generated_tokens)
-            for name, t in self.scheduler.stats.tenants.items()
+            for name, t in self.scheduler.stats.tenants().items()
         }

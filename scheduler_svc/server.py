@@ -56,6 +56,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
             )
             if chunk.finish is not None:
                 response.finish_reason = FINISH_TO_PROTO[chunk.finish]
+                response.phases.CopyFrom(api_pb2.RequestPhases(**chunk.phases))
             if first:
                 response.prompt_tokens = seq.num_prompt
                 response.reused_prefix_tokens = seq.reused_tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +32,23 @@ PROMPTS = [
 
 # A near-tie: the reference's top-2 logit gap at the first differing position is below this.
 NEAR_TIE_LOGIT_GAP = 0.05
+
+
+class FakeClock:
+    """The scheduler's clock (request phases, conversation TTLs), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("scheduler_svc.sequence.clock", fake)
+    return fake
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +115,19 @@ def reference(model_dir: str, tokenizer) -> Reference:  # noqa: ANN001
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     return Reference(model, tokenizer)
+
+
+def wait_idle(client: object, timeout_s: float = 30.0) -> dict[str, float]:
+    """The stack's stats once no request is live or queued and no copy is in flight; fails on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats()  # type: ignore[attr-defined]
+        busy = {k: stats.get(k, 0) for k in ("live_requests", "running", "waiting", "swaps_in_flight")}
+        if not any(busy.values()):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the stack is still busy after {timeout_s:.0f}s: {busy}")
+        time.sleep(0.05)
 
 
 def start_stack(**overrides: object) -> Iterator[object]:

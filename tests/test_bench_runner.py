@@ -184,7 +184,8 @@ def test_tiny_preset_runs_two_modes_and_writes_every_output(tmp_path) -> None:
         assert m["generated_tokens"] == expected_tokens, mode  # ignore_eos: every mode, the same tokens
         assert m["throughput_tok_s"] > 0 and m["later_ttft_p50"] is not None
     assert saved["modes"]["vllm-like"]["ratios_vs_vllm_like"]["ttft_p99"] == pytest.approx(1.0)
-    assert saved["modes"]["fastswitch"]["ratios_vs_vllm_like"]["ttft_p99"] > 0
+    ours, theirs = saved["modes"]["fastswitch"], saved["modes"]["vllm-like"]
+    assert ours["ratios_vs_vllm_like"]["ttft_p99"] == pytest.approx(theirs["ttft_p99"] / ours["ttft_p99"])
     assert saved["modes"]["fastswitch"]["reused_prefix_tokens"] > 0  # later turns reuse their conversation's KV
     assert saved["modes"]["vllm-like"]["reused_prefix_tokens"] == 0
     requests = json.loads((tmp_path / "requests.json").read_text())
