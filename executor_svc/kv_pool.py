@@ -14,6 +14,7 @@ pool starts inside the exported allocation (0 for its own allocation, computed f
 
 from __future__ import annotations
 
+import itertools
 import os
 from multiprocessing import shared_memory
 from typing import Any
@@ -22,6 +23,7 @@ import structlog
 import torch
 
 log = structlog.get_logger(__name__)
+_pool_ids = itertools.count()
 
 
 class KVPool:
@@ -45,7 +47,8 @@ class KVPool:
         self._shm: shared_memory.SharedMemory | None = None
         self._cuda: _CudaAllocation | None = None
         if device.type == "cpu":
-            self._shm = shared_memory.SharedMemory(create=True, size=total, name=f"fastswitch-kv-{os.getpid()}")
+            name = f"fastswitch-kv-{os.getpid()}-{next(_pool_ids)}"
+            self._shm = shared_memory.SharedMemory(create=True, size=total, name=name)
             self.tensor = torch.frombuffer(self._shm.buf, dtype=torch.uint8, count=total).view(dtype).view(self.shape)
             self.handle = f"shm:{self._shm.name}"
         else:

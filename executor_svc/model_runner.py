@@ -12,6 +12,8 @@ the only host synchronisation is reading the sampled ids back.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -56,6 +58,13 @@ class ModelRunner:
             torch.set_num_threads(config.resolved_threads)
             if config.cuda_graphs:
                 raise ValueError("--cuda-graphs needs a CUDA device")
+        if self.device.type == "cpu" and config.attention == "triton":
+            # Triton compiles for GPUs only; on a CPU its interpreter runs the kernels (slowly: tests).
+            # It must be chosen before triton is first imported.
+            if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError("--attention triton on a CPU needs TRITON_INTERPRET=1 set before triton is imported")
+            os.environ["TRITON_INTERPRET"] = "1"
+            log.warning("triton_interpreter", reason="--attention triton on a CPU runs Triton's interpreter (slow)")
         self.model_dir = resolve_model(config.model)
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_model(self.model_dir, self.dtype, self.device, config.load_format)
@@ -177,6 +186,7 @@ class ModelRunner:
 
     def run_model(self, attn: StepAttention, logits_to_keep: torch.Tensor | int) -> torch.Tensor:
         """The model's own forward over the step (eager, or while a CUDA graph captures it)."""
+        attn.meta.derived.clear()  # built from this step's metadata by the first layer
         with torch.inference_mode():
             return self.model(
                 input_ids=attn.meta.input_ids,
