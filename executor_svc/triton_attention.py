@@ -30,8 +30,17 @@ def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, triton.next_power_of_2(max(1, n)))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _ieee(dtype: torch.dtype) -> bool:
+    """fp32 products in full IEEE precision (Triton's default for fp32 is TF32)."""
+    return dtype == torch.float32
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 # -- store the step's new K/V --------------------------------------------------------------------
@@ -133,7 +142,7 @@ def _decode_kernel(
     NUM_HEADS: tl.constexpr,
     SPLITS: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -165,14 +174,14 @@ def _decode_kernel(
         kv_off = block * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = _dot(q, tl.trans(k), IEEE) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -285,7 +294,7 @@ def decode_attention(
         NUM_HEADS=num_heads,
         SPLITS=splits,
         BLOCK_N=block_n,
-        PRECISION=_precision(query.dtype),
+        IEEE=_ieee(query.dtype),
     )
     if splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
@@ -333,7 +342,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PRECISION: tl.constexpr,
+    IEEE: tl.constexpr,
 ):
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -365,14 +374,14 @@ def _prefill_kernel(
         kv_off = block * stride_cb + (n % BLOCK_SIZE) * stride_ct + kvh * stride_ch
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = _dot(q, tl.trans(k), IEEE) * scale
         s = tl.where(n_mask[None, :] & (n[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(
@@ -434,7 +443,7 @@ def prefill_attention(
         GROUP=num_heads // kv_heads,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        PRECISION=_precision(query.dtype),
+        IEEE=_ieee(query.dtype),
     )
 
 

