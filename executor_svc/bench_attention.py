@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -136,9 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     if args.doc:
         load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
+        shown = " ".join(sys.argv[1:] if argv is None else argv)
         Path(args.doc).write_text(
             f"# Attention candidates on this CPU\n\nMeasured by `python -m executor_svc.bench_attention "
-            f"{' '.join(argv or [])}` on {platform.processor() or platform.machine()}, {args.threads} threads, "
+            f"{shown}` on {platform.processor() or platform.machine()}, {args.threads} threads, "
             f"torch {torch.__version__}, load average {load} at the end (the machine is shared: read the "
             f"ratios, not the absolute times). One layer of the default model's attention; fp32.\n\n{text}\n"
         )
