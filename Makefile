@@ -63,8 +63,9 @@ bench-swap: install
 # step microbenchmark against the hardware floors and the GPU bench; writes docs/gpu-report.md.
 # Without a GPU it says so and exits non-zero. Steps: docs/gpu-data-plane.md.
 GPU_PYTHON ?= python3
+GPU_ARGS ?=
 gpu-check:
-	$(GPU_PYTHON) tools/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS))
+	$(GPU_PYTHON) tools/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_ARGS)
 
 proto: $(PY)
 	$(PY) tools/gen_proto.py
