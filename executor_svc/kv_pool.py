@@ -119,13 +119,10 @@ class _CudaAllocation:
         rt, _ = mods
         index = device.index if device.index is not None else torch.cuda.current_device()
         torch.cuda.set_device(index)
-        err, ptr = rt.cudaMalloc(nbytes)
-        if int(err) != 0:
-            raise MemoryError(f"cudaMalloc of the {nbytes / 2**30:.2f} GiB KV pool failed ({err}): use fewer blocks")
-        err = rt.cudaMemset(ptr, 0, nbytes)
-        err = err[0] if isinstance(err, tuple) else err
-        if int(err) != 0:
-            raise RuntimeError(f"cudaMemset of the KV pool failed ({err})")
+        _check(rt.cudaSetDevice(index), "cudaSetDevice")
+        ptr = _check(rt.cudaMalloc(nbytes), f"cudaMalloc of the {nbytes / 2**30:.2f} GiB KV pool (use fewer blocks)")
+        _check(rt.cudaMemset(ptr, 0, nbytes), "cudaMemset of the KV pool")
+        _check(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
         return cls(rt, int(ptr), nbytes)
 
     def free(self) -> None:
@@ -147,17 +144,23 @@ def cuda_ipc_handle(tensor: torch.Tensor) -> str:
     rt, drv = mods
     ptr = tensor.data_ptr()
     try:
-        err, base, _size = drv.cuMemGetAddressRange(drv.CUdeviceptr(ptr))
-        if int(err) != 0:
-            raise RuntimeError(f"cuMemGetAddressRange: {err}")
+        base, _size = _check(drv.cuMemGetAddressRange(drv.CUdeviceptr(ptr)), "cuMemGetAddressRange")
         base = int(base)
-        err, handle = rt.cudaIpcGetMemHandle(base)
-        if int(err) != 0:
-            raise RuntimeError(f"cudaIpcGetMemHandle: {err}")
+        handle = _check(rt.cudaIpcGetMemHandle(base), "cudaIpcGetMemHandle")
     except Exception as exc:  # noqa: BLE001 - the pool still serves; swaps then fall back to recompute
         log.warning("kv_pool_not_exportable", error=str(exc))
         return ""
     return encode_ipc_handle(handle.reserved, ptr - base)
+
+
+def _check(result: Any, what: str) -> Any:
+    """Unpack cuda-python's `(err, *values)`; raise unless err is success (0, runtime or driver)."""
+    err, values = (result[0], result[1:]) if isinstance(result, tuple) else (result, ())
+    if int(getattr(err, "value", err)) != 0:
+        raise RuntimeError(f"{what} failed: {err!r}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def encode_ipc_handle(reserved: Any, offset: int) -> str:
