@@ -139,15 +139,21 @@ class ModelRunner:
         if not plan.chunks:
             return StepOutput(plan.step_id, [])
 
+        bs = self.block_size
+        for c in plan.chunks:
+            need = (c.start_position + len(c.token_ids) + bs - 1) // bs
+            have = len(self.requests[c.request_id].block_table)
+            if need > have:
+                raise ValueError(
+                    f"plan step {plan.step_id}: request {c.request_id} needs {need} blocks for "
+                    f"{c.start_position + len(c.token_ids)} tokens, its block table has {have}"
+                )
         t0 = time.perf_counter_ns()
         specs = [
             ChunkSpec(c.token_ids, c.start_position, self.requests[c.request_id].block_table, c.sample)
             for c in plan.chunks
         ]
-        try:
-            logits = self.forward(specs)
-        except ValueError as err:
-            raise ValueError(f"plan step {plan.step_id}: {err}") from None
+        logits = self.forward(specs)
         t1 = time.perf_counter_ns()
         sampled = [c for c in plan.chunks if c.sample]
         tokens = (
