@@ -88,11 +88,13 @@ class DecodeGraphs:
         return min((b for b in self.buckets if b >= batch), default=None)
 
     def run(self, chunks: list[ChunkSpec]) -> torch.Tensor | None:
-        """Logits of the sampled chunks, or None when the step is not a decode step that fits a bucket."""
+        """Logits of the sampled chunks, or None when the step is not a decode step that fits a bucket
+        (or a context outgrows the static block tables)."""
         if not chunks or not all(c.is_decode for c in chunks):
             return None
         batch = self.bucket_for(len(chunks))
-        if batch is None:
+        bs = self.runner.block_size
+        if batch is None or any(c.start_position // bs >= self.table_width for c in chunks):
             return None
         bucket = self.buckets[batch]
         host = self._pack(chunks, batch)

@@ -149,6 +149,8 @@ def test_padded_static_decode_path_matches_the_eager_step(sdpa_runner: ModelRunn
 
     graphs = DecodeGraphs(sdpa_runner, capture=False, buckets=(1, 2, 4), table_width=8)
     assert graphs.bucket_for(3) == 4 and graphs.bucket_for(5) is None
+    too_long = ChunkSpec([1], 8 * BLOCK, list(range(9)), True)  # needs a 9th block: past the static width
+    assert graphs.run([too_long]) is None and graphs.run([ChunkSpec([1, 2], 0, [0], True)]) is None
     assert_same(run_scenario(sdpa_runner, decode_via=graphs.run), run_scenario(sdpa_runner), atol=1e-5)
     # Padded rows wrote only into the scratch block: the real blocks of an idle request are untouched.
     assert sdpa_runner.pool.tensor[50:60].abs().sum() == 0
