@@ -6,7 +6,7 @@ PORT ?= 50051
 PROMPT ?= What is the capital of France?
 BENCH_OUT ?= bench-results/small
 
-.PHONY: install demo test test-fast bench bench-swap proto lint clean
+.PHONY: install demo test test-fast bench bench-swap proto lint clean gpu-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,15 @@ bench: install
 
 bench-swap: install
 	$(PY) -m swap_daemon.bench
+
+# On a machine with an NVIDIA GPU and a CUDA torch already installed (used as it is): installs what is
+# missing (from WHEELS=DIR only, when given), runs the gpu-marked tests, the CUDA copy bandwidth, the
+# step microbenchmark against the hardware floors and the GPU bench; writes docs/gpu-report.md.
+# Without a GPU it says so and exits non-zero. Steps: docs/gpu-data-plane.md.
+GPU_PYTHON ?= python3
+GPU_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py $(if $(WHEELS),--wheels $(WHEELS)) $(GPU_ARGS)
 
 proto: $(PY)
 	$(PY) tools/gen_proto.py

@@ -1,7 +1,8 @@
 """Token sampling: greedy, temperature, top-k, top-p, seeded.
 
 A seeded request draws from a generator seeded by (seed, position), so its output does not depend on
-batching or on being preempted and recomputed.
+batching or on being preempted and recomputed. The generator lives on the logits' device (a CUDA
+multinomial refuses a CPU generator), so a seed reproduces its output on the same kind of device.
 """
 
 from __future__ import annotations
@@ -32,6 +33,6 @@ def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
         generator = None
         if p.seed is not None:
-            generator = torch.Generator().manual_seed((p.seed * 1_000_003 + pos) & _MASK)
+            generator = torch.Generator(device=logits.device).manual_seed((p.seed * 1_000_003 + pos) & _MASK)
         out[row] = int(torch.multinomial(probs, 1, generator=generator).item())
     return out

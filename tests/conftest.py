@@ -133,6 +133,8 @@ def wait_idle(client: object, timeout_s: float = 30.0) -> dict[str, float]:
 def start_stack(**overrides: object) -> Iterator[object]:
     from svc_common.stack import Stack, StackConfig
 
+    # Identity with generate() holds in fp32; on a GPU `auto` would pick bf16 (compared by agreement).
+    overrides.setdefault("dtype", "float32")
     config = StackConfig.build(port=free_port_base(), **overrides)
     log_dir = tempfile.mkdtemp(prefix="fastswitch-test-")
     stack = Stack(config, log_dir=log_dir)
