@@ -10,6 +10,7 @@ requests fail with UNAVAILABLE only if no executor comes back within `executor_t
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ import structlog
 from fastswitch.v1 import executor_pb2, executor_pb2_grpc, swap_pb2, swap_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
+from scheduler_svc.grammar import Grammars, OutputConstraint
 from scheduler_svc.scheduler import Scheduler, SwapOrder
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import (
@@ -62,6 +64,7 @@ class GenerateInput:
     conversation_id: str = ""
     system_prompt: str = ""
     request_id: str = ""
+    constraint: OutputConstraint | None = None  # structured output
 
 
 class _Live:
@@ -94,6 +97,8 @@ class Engine:
         self._swap_call: Any = None
         self._swap_task: asyncio.Task[None] | None = None
         self._swap_landed = asyncio.Event()
+        self._grammars: Grammars | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -336,7 +341,9 @@ class Engine:
                 if live is not None:
                     self._emit(live, event.token_id, now_ns)
                     # A step finishes only requests it produced a token for (length, EOS, stop string).
-                    if live.seq.finished:
+                    if live.seq.finish is Finish.ERROR and live.seq.grammar is not None:
+                        self._fail(live, live.seq.grammar.error or "the output left the request's grammar")
+                    elif live.seq.finished:
                         self._end(live, live.seq.finish or Finish.CANCELLED)
 
     def _emit(self, live: _Live, token_id: int, now_ns: int) -> None:
@@ -369,6 +376,23 @@ class Engine:
         self.scheduler.abort(live.seq.request_id, Finish.ERROR)
         self.live.pop(live.seq.request_id, None)
         live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+
+    # -- structured output ------------------------------------------------------------------------
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler for the executor's vocabulary (built once, on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.info is None:
+                    raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+                self._grammars = Grammars(self.tokenizer, self.info.vocab_size, self._eos_ids())
+            return self._grammars
+
+    async def compile_constraint(self, constraint: OutputConstraint | None) -> None:
+        """Compile (and cache) a request's constraint in a worker thread, so that a large schema does
+        not stall the step loop; InvalidArgument with the grammar engine's message if it does not compile."""
+        if constraint is not None:
+            await asyncio.to_thread(lambda: self.grammars().compile(constraint))
 
     # -- client-facing operations -----------------------------------------------------------------
 
@@ -411,6 +435,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} tokens can never "
                 f"fit the KV pool ({capacity} tokens): lower max_tokens or start with more --device-blocks"
             )
+        grammar = self.grammars().start(req.constraint) if req.constraint is not None else None
         seq = Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -421,6 +446,7 @@ class Engine:
             tenant=tenant,
             priority=req.priority,
             conversation=conversation,
+            grammar=grammar,
         )
         if conversation is not None:
             self.conversations[conversation] = messages
@@ -521,6 +547,9 @@ class Engine:
             counters["running"] = len(sched.running)
             counters["waiting"] = len(sched.waiting)
         counters["live_requests"] = len(self.live)
+        if self._grammars is not None:  # structured output: masks filled on the step loop, and their cost
+            counters["grammar_fills"] = self._grammars.fills
+            counters["grammar_fill_s"] = self._grammars.fill_s
         counters["uptime_s"] = time.monotonic() - self._started
         return counters
 

@@ -598,10 +598,14 @@ class Scheduler:
             seq.tokens.append(token)
             self.stats.counters["generated_tokens"] += 1
             events.append(TokenEvent(seq, token))
-            if len(seq.output_ids) >= seq.max_tokens:
+            is_eos = token in self.eos_token_ids
+            # Structured output: the grammar follows generated tokens only (an ignored EOS is not one).
+            if seq.grammar is not None and not (is_eos and seq.ignore_eos) and not seq.grammar.accept(token):
+                self._finish(seq, Finish.ERROR)
+            elif len(seq.output_ids) >= seq.max_tokens:
                 self._finish(seq, Finish.LENGTH)
-            elif not seq.ignore_eos and token in self.eos_token_ids:
-                self._finish(seq, Finish.EOS)
+            elif (is_eos and not seq.ignore_eos) or (seq.grammar is not None and seq.grammar.done):
+                self._finish(seq, Finish.EOS)  # a finished grammar allows only EOS: end without sampling it
         return events
 
     def finish(self, seq: Sequence, reason: Finish) -> None:
@@ -678,6 +682,7 @@ class Scheduler:
             start_position=start,
             new_block_ids=new_blocks,
             sample=start + n == len(seq.tokens),
+            token_bitmask=seq.grammar.mask if seq.grammar is not None and start + n == len(seq.tokens) else b"",
         )
 
     def _release(self, seq: Sequence) -> None:

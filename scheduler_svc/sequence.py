@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from svc_common.plan import Sampling
+
+if TYPE_CHECKING:
+    from scheduler_svc.grammar import GrammarState
 
 
 class Status(enum.Enum):
@@ -62,6 +66,7 @@ class Sequence:
     reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's earlier turns
     history_tokens: int = 0  # prompt tokens that repeat the conversation's previous turn (reused or not)
     prompt_served: int = 0  # prompt tokens counted as service once (recomputation is not service)
+    grammar: GrammarState | None = None  # structured output: follows the generated tokens, not the KV
 
     def __post_init__(self) -> None:
         if not self.tokens:
