@@ -53,8 +53,9 @@ MAX_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def pressed_stack(model_dir: str) -> Iterator[Any]:
-    """12 device blocks (192 tokens) for six concurrent requests: preemption and swaps are certain."""
-    with running_stack(device_blocks=12, host_blocks=64, max_step_tokens=64) as stack:
+    """12 device blocks (192 tokens) and the priority policy: a long high-priority prompt arriving while
+    constrained requests run must preempt them, and their KV is swapped out (64 host blocks)."""
+    with running_stack(device_blocks=12, host_blocks=64, max_step_tokens=64, policy="priority") as stack:
         yield stack
 
 
@@ -70,19 +71,38 @@ def chat_ids(tokenizer, text: str) -> list[int]:  # noqa: ANN001
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def concurrently(addr: str, jobs: list[tuple[str, dict[str, Any]]]) -> list[Completion]:
+# About 150 tokens: with 12 blocks of 16, admitting it at a higher priority preempts whatever runs.
+BALLAST = " ".join(f"Item {i} of the inventory is a box of assorted parts." for i in range(10))
+
+
+def concurrently(
+    addr: str, jobs: list[tuple[str, dict[str, Any]]], ballast_after_first_tokens: int = 0
+) -> list[Completion]:
+    """Run the jobs at once. With `ballast_after_first_tokens` = k: once k of them have produced a token
+    (so they hold KV), a long high-priority prompt arrives and preempts them."""
     results: list[Completion | BaseException | None] = [None] * len(jobs)
+    started = threading.Semaphore(0)
 
     def one(i: int, prompt: str, kwargs: dict[str, Any]) -> None:
         try:
+            completion = Completion("", "")
             with Client(addr) as client:
-                results[i] = client.complete(prompt, **kwargs)
+                for chunk in client.generate(prompt, **kwargs):
+                    if not completion.token_ids and chunk.token_ids:
+                        started.release()
+                    completion.add(chunk)
+            results[i] = completion
         except BaseException as err:  # noqa: BLE001 - re-raised below
             results[i] = err
 
     threads = [threading.Thread(target=one, args=(i, p, k)) for i, (p, k) in enumerate(jobs)]
     for t in threads:
         t.start()
+    if ballast_after_first_tokens:
+        for _ in range(ballast_after_first_tokens):
+            assert started.acquire(timeout=300), "the constrained requests produced no token"
+        with Client(addr) as client:
+            client.complete(BALLAST, max_tokens=8, priority=5, ignore_eos=True)
     for t in threads:
         t.join(timeout=600)
     for r in results:
@@ -142,10 +162,11 @@ def test_outputs_are_valid_against_held_out_schemas_and_regexes_under_preemption
     with Client(pressed_stack.addr) as client:
         before = client.stats()
     jobs = [(q, {"chat": True, "max_tokens": MAX_TOKENS, **c}) for q, c in zip(QUESTIONS, constraints, strict=True)]
-    results = concurrently(pressed_stack.addr, jobs)
+    results = concurrently(pressed_stack.addr, jobs, ballast_after_first_tokens=2)
     with Client(pressed_stack.addr) as client:
         after = client.stats()
-    assert after["preemptions"] > before["preemptions"], "the pool was meant to force preemption"
+    # Only the constrained requests (priority 0) can have been preempted: the ballast outranks them.
+    assert after["preemptions"] > before["preemptions"], "the ballast was meant to preempt constrained requests"
     assert after["swap_out_bytes"] > before["swap_out_bytes"], "preempted KV was meant to be swapped out"
     for schema, r in zip(SCHEMAS, results[: len(SCHEMAS)], strict=True):
         assert r.finish_reason == "eos", (r.finish_reason, r.text)
