@@ -14,8 +14,10 @@ generates exactly the same number of tokens and only the constraint differs:
 - `allow-all`: a regex that allows any text (the floor: masks are filled and sent, rarely applied).
 
 Modes are interleaved round by round (none, json, regex, allow-all, none, ...) so that drifts in the
-machine's load hit all of them alike; the median round is reported. The scheduler's statistics add
-how long filling the masks took (`grammar_fill_s`) against the model's forward time.
+machine's load hit all of them alike; the median round is reported. On a shared machine wall time is
+noisy, so each run also reports what it cost: CPU seconds of the stack's processes (tokens per CPU
+second), and per step the model's forward time, the sampling time (where the executor applies the
+masks) and the scheduler's time filling masks (`forward_s`, `sample_s`, `grammar_fill_s` in `stats`).
 """
 
 from __future__ import annotations
@@ -91,39 +93,69 @@ def stats(addr: str) -> dict[str, float]:
         return {k: float(v) for k, v in client.stats().items() if isinstance(v, int | float)}
 
 
-def run(addr: str, batches: list[int], rounds: int, max_tokens: int) -> dict[str, Any]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of these processes so far (Linux /proc; 0 where unreadable)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (clock ticks)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+COUNTERS = ("grammar_fill_s", "grammar_fills", "steps", "forward_s", "sample_s")
+
+
+def run(addr: str, batches: list[int], rounds: int, max_tokens: int, pids: list[int]) -> dict[str, Any]:
     asyncio.run(one_batch(addr, 2, 4, MODES["json"]))  # warm up: the model, the grammar compiler, the caches
     results: dict[str, Any] = {}
     for batch in batches:
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in MODES}
         for r in range(rounds):
             for mode, constraint in MODES.items():
-                before = stats(addr)
+                before, cpu_before = stats(addr), cpu_seconds(pids)
                 wall, tokens = asyncio.run(one_batch(addr, batch, max_tokens, constraint))
-                after = stats(addr)
-                delta = {
-                    k: after.get(k, 0.0) - before.get(k, 0.0)
-                    for k in ("grammar_fill_s", "grammar_fills", "steps", "forward_s")
-                }
-                runs[mode].append({"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, **delta})
-                print(f"batch {batch:>2} round {r + 1}/{rounds} {mode:>9}: {tokens / wall:7.1f} tok/s", flush=True)
+                after, cpu = stats(addr), cpu_seconds(pids) - cpu_before
+                delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in COUNTERS}
+                run_ = {"wall_s": wall, "tokens": tokens, "tok_s": tokens / wall, "cpu_s": cpu, **delta}
+                runs[mode].append(run_)
+                print(
+                    f"batch {batch:>2} round {r + 1}/{rounds} {mode:>9}: {tokens / wall:7.1f} tok/s, "
+                    f"{tokens / cpu if cpu else 0:7.1f} tok/CPU-s, step {1e3 * wall / max(1, delta['steps']):6.1f} ms "
+                    f"(forward {1e3 * delta['forward_s'] / max(1, delta['steps']):6.1f}, "
+                    f"sample {1e3 * delta['sample_s'] / max(1, delta['steps']):5.2f})",
+                    flush=True,
+                )
         summary = {}
         for mode, rs in runs.items():
-            median = statistics.median(x["tok_s"] for x in rs)
+            steps = max(1.0, sum(x["steps"] for x in rs))
             fills = sum(x["grammar_fills"] for x in rs)
+            cpu = sum(x["cpu_s"] for x in rs)
             summary[mode] = {
-                "tok_s": median,
+                "tok_s": statistics.median(x["tok_s"] for x in rs),
                 "tok_s_runs": [x["tok_s"] for x in rs],
+                "tok_per_cpu_s": sum(x["tokens"] for x in rs) / cpu if cpu else None,
+                "step_ms": 1e3 * sum(x["wall_s"] for x in rs) / steps,
+                "forward_ms_per_step": 1e3 * sum(x["forward_s"] for x in rs) / steps,
+                "sample_ms_per_step": 1e3 * sum(x["sample_s"] for x in rs) / steps,
+                "fill_ms_per_step": 1e3 * sum(x["grammar_fill_s"] for x in rs) / steps,
                 "fill_us_per_mask": 1e6 * sum(x["grammar_fill_s"] for x in rs) / fills if fills else 0.0,
-                "fill_share_of_forward": sum(x["grammar_fill_s"] for x in rs)
-                / max(1e-9, sum(x["forward_s"] for x in rs)),
-                "step_ms": 1e3 * sum(x["wall_s"] for x in rs) / max(1.0, sum(x["steps"] for x in rs)),
             }
-        base = summary["none"]["tok_s"]
-        for mode in summary:
-            summary[mode]["vs_none"] = summary[mode]["tok_s"] / base
+        base = summary["none"]
+        for m in summary.values():
+            m["vs_none"] = m["tok_s"] / base["tok_s"]
+            m["cpu_vs_none"] = m["tok_per_cpu_s"] / base["tok_per_cpu_s"] if base["tok_per_cpu_s"] else None
+            # What structured output adds to a step, in the executor (masking) and the scheduler (filling).
+            m["added_ms_per_step"] = m["sample_ms_per_step"] - base["sample_ms_per_step"] + m["fill_ms_per_step"]
+            m["added_share_of_forward"] = m["added_ms_per_step"] / base["forward_ms_per_step"]
         results[str(batch)] = summary
     return results
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
 
 
 def markdown(data: dict[str, Any]) -> str:
@@ -131,19 +163,31 @@ def markdown(data: dict[str, Any]) -> str:
         "# Structured output: tokens/s, constrained vs unconstrained",
         "",
         f"`python -m fastswitch_bench.structured` on {data['machine']['cpu_count']} CPU cores "
-        f"({data['machine']['processor']}), {data['max_tokens']} tokens per request, median of "
-        f"{data['rounds']} interleaved rounds; load average at the start {data['load_avg_1m']:.1f} "
-        "(the machine is shared: timings are noisy).",
+        f"({data['machine']['processor']}), {data['max_tokens']} tokens per request, {data['rounds']} interleaved "
+        f"rounds; load average {data['load_avg_1m']:.1f} at the start and {data['load_avg_1m_end']:.1f} at the end "
+        "(a shared machine: wall-clock rates are noisy; CPU time and the per-step costs much less so).",
         "",
-        "| batch | mode | tok/s (median) | vs none | runs (tok/s) | mask fill, us/mask | fill / forward time |",
-        "|---|---|---|---|---|---|---|",
+        "| batch | mode | tok/s (median) | vs none | runs (tok/s) | tok per CPU-s | vs none | step ms | "
+        "forward ms/step | sample ms/step | mask fill us/mask | added ms/step | added / forward |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, modes in data["batches"].items():
         for mode, m in modes.items():
             runs = ", ".join(f"{x:.1f}" for x in m["tok_s_runs"])
-            fill = f"{m['fill_us_per_mask']:.0f}" if mode != "none" else "-"
-            share = f"{100 * m['fill_share_of_forward']:.2f}%" if mode != "none" else "-"
-            lines.append(f"| {batch} | {mode} | {m['tok_s']:.1f} | {m['vs_none']:.3f} | {runs} | {fill} | {share} |")
+            constrained = mode != "none"
+            lines.append(
+                f"| {batch} | {mode} | {m['tok_s']:.1f} | {m['vs_none']:.3f} | {runs} | "
+                f"{_f(m['tok_per_cpu_s'], '.1f')} | {_f(m['cpu_vs_none'], '.3f')} | {m['step_ms']:.1f} | "
+                f"{m['forward_ms_per_step']:.1f} | {m['sample_ms_per_step']:.2f} | "
+                f"{_f(m['fill_us_per_mask'] if constrained else None, '.1f')} | "
+                f"{_f(m['added_ms_per_step'] if constrained else None, '.2f')} | "
+                f"{_f(100 * m['added_share_of_forward'] if constrained else None, '.2f')}{'%' if constrained else ''} |"
+            )
+    lines += [
+        "",
+        "added ms/step = sampling time above `none`'s (the executor masking logits) + mask filling (the "
+        "scheduler); added / forward = that over `none`'s forward time per step.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -159,19 +203,20 @@ def main(argv: list[str] | None = None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     load = os.getloadavg()[0]
     if args.addr:
-        results = run(args.addr, batches, args.rounds, args.max_tokens)
+        results = run(args.addr, batches, args.rounds, args.max_tokens, pids=[])  # CPU time unknown
     else:
         from svc_common.stack import Stack, StackConfig, free_port_base
 
         config = StackConfig.build(port=free_port_base(), model=args.model, device_blocks=256, host_blocks=0)
         with Stack(config, log_dir=tempfile.mkdtemp(prefix="fastswitch-structured-")) as stack:
-            results = run(stack.addr, batches, args.rounds, args.max_tokens)
+            results = run(stack.addr, batches, args.rounds, args.max_tokens, pids=[p.pid for p in stack.procs])
     data = {
         "batches": results,
         "max_tokens": args.max_tokens,
         "rounds": args.rounds,
         "modes": MODES,
         "load_avg_1m": load,
+        "load_avg_1m_end": os.getloadavg()[0],
         "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine()},
     }
     out = pathlib.Path(args.out)

@@ -336,6 +336,7 @@ class Engine:
             now_ns = time.time_ns()
             output = StepOutput.from_proto(result)
             sched.stats.counters["forward_s"] += output.forward_ns / 1e9
+            sched.stats.counters["sample_s"] += output.sample_ns / 1e9
             for event in sched.on_step_output(output):
                 live = self.live.get(event.seq.request_id)
                 if live is not None:
