@@ -34,6 +34,13 @@ log = structlog.get_logger(__name__)
 
 # Compiled grammars kept for reuse (xgrammar's own cache, keyed by the grammar text and options).
 COMPILE_CACHE_BYTES = 256 << 20
+# A mask usually fills in 10-70 us; past this, the step loop visibly waits for it.
+SLOW_FILL_S = 0.002
+SLOW_FILL_HINT = (
+    "filling this request's grammar mask is slow, and the step loop waits for it: repeated groups with "
+    "repetitions inside (`([a-z]+ )*`, `([a-z]+ ){20,}`) are xgrammar's slow case; character classes "
+    "(`[a-z ]*`) are fast"
+)
 
 
 class ConstraintKind(enum.Enum):
@@ -154,7 +161,7 @@ class GrammarState:
     restarts move KV, never this.
     """
 
-    __slots__ = ("grammars", "matcher", "mask", "done", "error", "_words")
+    __slots__ = ("grammars", "matcher", "mask", "done", "error", "warned", "_words")
 
     def __init__(self, grammars: Grammars, matcher: Any) -> None:
         self.grammars = grammars
@@ -162,6 +169,7 @@ class GrammarState:
         self.mask = b""  # packed bits, little-endian words: bit t % 8 of byte t // 8 is token t
         self.done = False  # the grammar allows nothing but end-of-sequence (or has accepted it)
         self.error: str | None = None
+        self.warned = False
         self._words = grammars._xgr.allocate_token_bitmask(1, grammars.vocab_size)
 
     def fill(self) -> None:
@@ -173,8 +181,12 @@ class GrammarState:
         words = self._words.numpy()[0].view("<u4")
         self.mask = words.tobytes()
         self.done = self.matcher.is_terminated() or not np.any(words & self.grammars._not_stop)
+        spent = time.thread_time() - start
         self.grammars.fills += 1
-        self.grammars.fill_s += time.thread_time() - start
+        self.grammars.fill_s += spent
+        if spent > SLOW_FILL_S and not self.warned:
+            self.warned = True  # once per request: it runs on the step loop, so every request waits
+            log.warning("grammar_slow_mask", fill_ms=round(1e3 * spent, 2), hint=SLOW_FILL_HINT)
 
     def accept(self, token: int) -> bool:
         """Advance by one generated token and fill the next mask; False if the grammar rejects it
