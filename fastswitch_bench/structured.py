@@ -141,7 +141,8 @@ def run(addr: str, batches: list[int], rounds: int, max_tokens: int, pids: list[
             summary[mode] = {
                 "tok_s": statistics.median(x["tok_s"] for x in rs),
                 "tok_s_runs": [x["tok_s"] for x in rs],
-                "tok_per_cpu_s": sum(x["tokens"] for x in rs) / cpu if cpu else None,
+                "tok_per_cpu_s": statistics.median(x["tokens"] / x["cpu_s"] for x in rs) if cpu else None,
+                "runs": rs,
                 "step_ms": 1e3 * sum(x["wall_s"] for x in rs) / steps,
                 "forward_ms_per_step": 1e3 * sum(x["forward_s"] for x in rs) / steps,
                 "sample_ms_per_step": 1e3 * sum(x["sample_s"] for x in rs) / steps,
@@ -172,7 +173,7 @@ def markdown(data: dict[str, Any]) -> str:
         f"rounds; load average {data['load_avg_1m']:.1f} at the start and {data['load_avg_1m_end']:.1f} at the end "
         "(a shared machine: wall-clock rates are noisy; CPU time and the per-step costs much less so).",
         "",
-        "| batch | mode | tok/s (median) | vs none | runs (tok/s) | tok per CPU-s | vs none | step ms | "
+        "| batch | mode | tok/s (median) | vs none | runs (tok/s) | tok per CPU-s (median) | vs none | step ms | "
         "forward ms/step | sample ms/step | mask fill us/mask | added ms/step | added / forward |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]

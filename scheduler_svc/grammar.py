@@ -37,9 +37,9 @@ COMPILE_CACHE_BYTES = 256 << 20
 # A mask usually fills in 10-70 us; past this, the step loop visibly waits for it.
 SLOW_FILL_S = 0.002
 SLOW_FILL_HINT = (
-    "filling this request's grammar mask is slow, and the step loop waits for it: repeated groups with "
-    "repetitions inside (`([a-z]+ )*`, `([a-z]+ ){20,}`) are xgrammar's slow case; character classes "
-    "(`[a-z ]*`) are fast"
+    "filling this request's grammar mask is slow, and the step loop waits for it: counted repetitions of a "
+    "group (`([a-z]+ ){20,}`) and repeated groups that split text several ways (`([a-z]+ +)*`) are "
+    "xgrammar's slow case; character classes (`[a-z ]*`) are fast"
 )
 
 
