@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import signal
 import sys
 import time
@@ -82,10 +83,35 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, object]:
     )
 
 
+def _structured_output(args: argparse.Namespace) -> dict[str, object]:
+    """generate's --json-schema FILE | --regex R | --choice a,b,c | --grammar FILE as SDK keywords."""
+    if args.json_schema:
+        text = _read(args.json_schema, "--json-schema")
+        try:
+            json.loads(text)
+        except ValueError as err:
+            raise SystemExit(f"fastswitch generate: --json-schema {args.json_schema} is not JSON: {err}") from None
+        return {"json_schema": text}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": args.choice.split(",")}
+    if args.grammar:
+        return {"grammar": _read(args.grammar, "--grammar")}
+    return {}
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else pathlib.Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SystemExit(f"fastswitch generate: cannot read {flag} {path}: {err.strerror}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     with Client(args.addr, timeout=args.timeout) as client:
-        for chunk in client.generate(prompt, **_generate_kwargs(args)):
+        for chunk in client.generate(prompt, **_generate_kwargs(args), **_structured_output(args)):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -168,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion to stdout")
     _add_sampling(gen)
     gen.add_argument("--chat", action="store_true", help="apply the chat template")
+    structured = gen.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this schema")
+    structured.add_argument("--regex", metavar="R", help="the whole output matches this regular expression")
+    structured.add_argument("--choice", metavar="A,B,C", help="the output is exactly one of these strings")
+    structured.add_argument("--grammar", metavar="FILE", help="the output matches this EBNF grammar (rule `root`)")
     gen.add_argument("prompt", help="prompt text ('-' reads stdin)")
     gen.set_defaults(func=_cmd_generate)
 

@@ -5,13 +5,17 @@
         for chunk in client.generate("The capital of France is", max_tokens=16):
             print(chunk.text, end="", flush=True)
 
+Structured output: `json_schema=` (a dict or JSON text), `json_object=True`, `regex=`, `choice=` (a list
+of strings) or `grammar=` (EBNF) constrains the completion, token by token, on the server.
+
 Errors are typed (`InvalidRequest`, `NotFound`, `ResourceExhausted`, `ServiceUnavailable`, ...), each
 carrying the server's message. Every call carries a deadline; one channel per client is reused.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,11 +157,16 @@ def build_request(
     conversation_id: str = "",
     system_prompt: str = "",
     request_id: str = "",
+    json_schema: dict[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
 ) -> api_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
         sampling.seed = seed
-    return api_pb2.GenerateRequest(
+    request = api_pb2.GenerateRequest(
         request_id=request_id,
         prompt=prompt,
         chat=chat,
@@ -170,6 +179,48 @@ def build_request(
         conversation_id=conversation_id,
         system_prompt=system_prompt,
     )
+    _set_structured_output(request, json_schema, json_object, regex, choice, grammar)
+    return request
+
+
+def _set_structured_output(
+    request: api_pb2.GenerateRequest,
+    json_schema: dict[str, Any] | str | None,
+    json_object: bool,
+    regex: str | None,
+    choice: Sequence[str] | None,
+    grammar: str | None,
+) -> None:
+    """At most one constraint (the `structured_output` oneof of GenerateRequest)."""
+    given = {
+        name: value
+        for name, value in (
+            ("json_schema", json_schema),
+            ("json_object", json_object or None),
+            ("regex", regex),
+            ("choice", choice),
+            ("grammar", grammar),
+        )
+        if value is not None
+    }
+    if len(given) > 1:
+        raise InvalidRequest(
+            f"pass at most one of json_schema, json_object, regex, choice, grammar; got {sorted(given)}"
+        )
+    if json_schema is not None:
+        request.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        request.json_object = True
+    elif regex is not None:
+        request.regex = regex
+    elif choice is not None:
+        if isinstance(choice, str):
+            raise InvalidRequest("choice is a list of strings, not one string")
+        request.choice.options.extend(choice)
+        if not request.choice.options:  # an empty list still selects `choice`: the server says what is wrong
+            request.choice.SetInParent()
+    elif grammar is not None:
+        request.grammar = grammar
 
 
 def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:

@@ -10,6 +10,7 @@ carries its finish reason and the seconds it spent in each phase.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ import structlog
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.executor_link import ExecutorLink
+from scheduler_svc.grammar import Grammars, OutputConstraint
 from scheduler_svc.scheduler import Scheduler, TokenEvent
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
@@ -55,6 +57,7 @@ class GenerateInput:
     conversation_id: str = ""
     system_prompt: str = ""
     request_id: str = ""
+    constraint: OutputConstraint | None = None  # structured output
 
 
 class _Live:
@@ -78,6 +81,8 @@ class Engine:
         self.live: dict[str, _Live] = {}
         self.link = ExecutorLink(config, on_tokens=self._on_tokens, on_gone=self._fail_all)
         self._started = time.monotonic()
+        self._grammars: Grammars | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -86,8 +91,7 @@ class Engine:
         if tokenizer is not None:
             self.tokenizer = tokenizer
         info = await self.link.connect()
-        eos = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
-        self.scheduler = Scheduler(self.config, info.num_blocks, info.block_size, eos)
+        self.scheduler = Scheduler(self.config, info.num_blocks, info.block_size, self._eos_ids())
         log.info(
             "executor_attached",
             executor=self.config.executor_addr,
@@ -96,6 +100,9 @@ class Engine:
             policy=self.config.policy,
         )
         self.link.run(self.scheduler)
+
+    def _eos_ids(self) -> set[int]:
+        return {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
 
     async def stop(self) -> None:
         await self.link.stop()
@@ -111,7 +118,9 @@ class Engine:
                 continue
             self._emit(live, event.token_id, produced_ns)
             # A step finishes only requests it produced a token for (length, EOS, stop string).
-            if live.seq.finished:
+            if live.seq.finish is Finish.ERROR and live.seq.grammar is not None:
+                self._fail(live, live.seq.grammar.error or "the output left the request's grammar")
+            elif live.seq.finished:
                 self._end(live, live.seq.finish or Finish.CANCELLED)
 
     def _emit(self, live: _Live, token_id: int, produced_ns: int) -> None:
@@ -141,12 +150,34 @@ class Engine:
             **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
         )
 
+    def _fail(self, live: _Live, message: str) -> None:
+        """End one request with an error the client sees (the others carry on)."""
+        self.live.pop(live.seq.request_id, None)
+        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+
     def _fail_all(self, message: str) -> None:
         for live in list(self.live.values()):
             if self.scheduler is not None:
                 self.scheduler.abort(live.seq.request_id, Finish.ERROR)
             self.live.pop(live.seq.request_id, None)
             live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+
+    # -- structured output ------------------------------------------------------------------------
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler for the executor's vocabulary (built once, on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.link.info is None:
+                    raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+                self._grammars = Grammars(self.tokenizer, self.link.info.vocab_size, self._eos_ids())
+            return self._grammars
+
+    async def compile_constraint(self, constraint: OutputConstraint | None) -> None:
+        """Compile (and cache) a request's constraint in a worker thread, so that a large schema does
+        not stall the step loop; InvalidArgument with the grammar engine's message if it does not compile."""
+        if constraint is not None:
+            await asyncio.to_thread(lambda: self.grammars().compile(constraint))
 
     # -- client-facing operations -----------------------------------------------------------------
 
@@ -189,6 +220,7 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} tokens can never "
                 f"fit the KV pool ({capacity} tokens): lower max_tokens or start with more --device-blocks"
             )
+        grammar = self.grammars().start(req.constraint) if req.constraint is not None else None
         seq = Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -199,6 +231,7 @@ class Engine:
             tenant=tenant,
             priority=req.priority,
             conversation=conversation,
+            grammar=grammar,
         )
         sched.add(seq, messages if conversation else None)  # the last check: room for a new conversation
         self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop))
@@ -268,6 +301,9 @@ class Engine:
             counters["swap_out_bytes_saved"] = sched.stats.counter("swap_out_blocks_saved") * block_bytes
             counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants().values()))
         counters["live_requests"] = len(self.live)
+        if self._grammars is not None:  # structured output: masks filled on the step loop, and their cost
+            counters["grammar_fills"] = self._grammars.fills
+            counters["grammar_fill_s"] = self._grammars.fill_s
         counters["uptime_s"] = time.monotonic() - self._started
         return counters
 

@@ -165,6 +165,7 @@ class ExecutorLink:
             produced_ns = time.time_ns()
             output = StepOutput.from_proto(result)
             sched.stats.count("forward_s", output.forward_ns / 1e9)
+            sched.stats.count("sample_s", output.sample_ns / 1e9)
             self._on_tokens(sched.on_step_output(output), produced_ns)
 
     async def _send_swaps(self, orders: list[SwapOrder]) -> None:

@@ -12,10 +12,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from svc_common.plan import Sampling
 
 clock = time.monotonic  # the phase clock's time source (tests replace it)
+if TYPE_CHECKING:
+    from scheduler_svc.grammar import GrammarState
 
 
 def now() -> float:
@@ -134,6 +137,7 @@ class Sequence:
     prompt_served: int = 0  # prompt tokens counted as service once (recomputation is not service)
     blocked: bool = False  # its turn came in a step's walk, but no device blocks were free (cleared once they are)
     phases: PhaseClock = field(init=False)
+    grammar: GrammarState | None = None  # structured output: follows the generated tokens, not the KV
 
     def __post_init__(self) -> None:
         if not self.tokens:

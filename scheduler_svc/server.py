@@ -9,6 +9,7 @@ import structlog
 
 from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
 from scheduler_svc.engine import Engine, GenerateInput
+from scheduler_svc.grammar import OutputConstraint
 from scheduler_svc.sequence import Finish
 from svc_common.plan import Sampling
 
@@ -30,6 +31,8 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
     async def Generate(
         self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[api_pb2.GenerateResponse]:
+        constraint = OutputConstraint.from_proto(request)
+        await self.engine.compile_constraint(constraint)  # off the event loop; INVALID_ARGUMENT if it fails
         seq = self.engine.submit(
             GenerateInput(
                 prompt=request.prompt,
@@ -43,6 +46,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
                 request_id=request.request_id,
+                constraint=constraint,
             )
         )
         structlog.contextvars.bind_contextvars(request_id=seq.request_id, tenant=seq.tenant)
