@@ -150,6 +150,12 @@ def main() -> int:
         env = {**os.environ, "FASTSWITCH_CACHE": cache}
         run([*pytest, "-m", "not model and not slow"], cwd=ROOT, env=env)
         if not args.no_model:
+            # Dequantise the GGUF once, as `make install` does, rather than inside the first test's time limit.
+            run(
+                [python, "-c", "from svc_common.model_source import resolve_model; resolve_model(None)"],
+                cwd=ROOT,
+                env=env,
+            )
             run([*pytest, *MODEL_TESTS], cwd=ROOT, env=env)
     print("check-lowest: every direct dependency at its floor passes", flush=True)
     return 0
