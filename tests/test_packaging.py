@@ -10,11 +10,11 @@ import importlib.metadata
 import pathlib
 import re
 import select
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
-import venv
 import zipfile
 
 import pytest
@@ -24,6 +24,7 @@ from packaging.requirements import Requirement
 import fastswitch
 import fastswitch.client
 from fastswitch import _extras
+from tools.check_lowest import find_links
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -198,12 +199,23 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 
 def _fresh_venv(path: pathlib.Path) -> pathlib.Path:
-    venv.EnvBuilder(with_pip=True).create(path)
+    """A new virtual environment (uv: seconds, where pip takes minutes to unpack torch)."""
+    subprocess.run([_uv(), "venv", "-q", "--python", sys.executable, path], check=True, timeout=120)
     return path / "bin"
 
 
-def _pip(bin_dir: pathlib.Path, *args: str) -> None:
-    subprocess.run([bin_dir / "python", "-m", "pip", "install", "-q", *args], check=True, timeout=600)
+def _uv() -> str:
+    uv = shutil.which("uv") or str(pathlib.Path(sys.executable).parent / "uv")
+    if not pathlib.Path(uv).exists():
+        pytest.skip("needs uv (in the dev extra)")
+    return uv
+
+
+def _install(bin_dir: pathlib.Path, *requirements: str) -> None:
+    cmd = [_uv(), "pip", "install", "-q", "--python", str(bin_dir / "python")]
+    for link in find_links():  # where pip finds this machine's CPU torch wheel
+        cmd += ["--find-links", link]
+    subprocess.run([*cmd, *requirements], check=True, timeout=600)
 
 
 def _installed(bin_dir: pathlib.Path) -> set[str]:
@@ -235,7 +247,7 @@ def test_the_wheel_without_extras_brings_no_torch_and_generates_against_a_runnin
 ) -> None:
     (wheel,) = dist.glob("*.whl")
     bin_dir = _fresh_venv(tmp_path / "client")
-    _pip(bin_dir, str(wheel))
+    _install(bin_dir, str(wheel))
     installed = _installed(bin_dir)
     assert "fastswitch" in installed and "grpcio" in installed
     assert not installed & {"torch", "transformers", "numpy", "structlog", "grpcio-health-checking"}
@@ -263,9 +275,8 @@ def test_the_server_extra_starts_the_stack(dist: pathlib.Path, model_dir: str, t
 
     (wheel,) = dist.glob("*.whl")
     bin_dir = _fresh_venv(tmp_path / "server")
-    # This machine's torch build first (the CPU one here), as `make install` does: a bare torch pulls CUDA.
-    _pip(bin_dir, f"torch=={importlib.metadata.version('torch')}")
-    _pip(bin_dir, f"{wheel}[server]")
+    # This machine's torch build (the CPU one here), as `make install` does: a bare torch pulls CUDA.
+    _install(bin_dir, f"torch=={importlib.metadata.version('torch')}", f"{wheel}[server]")
     port = free_port_base()
     up = subprocess.Popen(
         [bin_dir / "fastswitch", "up", "--port", str(port), "--model", model_dir, "--device-blocks", "32"]
