@@ -6,11 +6,15 @@ fastswitch chat                                      # interactive multi-turn ch
 fastswitch stats                                     # scheduler statistics as one JSON object
 fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
 fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on one workload
+
+generate, chat and stats need only the client (the base install); the other commands import server code
+lazily and, where its extra is not installed, say which one to install.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import pathlib
 import signal
@@ -18,7 +22,21 @@ import sys
 import time
 import uuid
 
+from fastswitch import __version__
+from fastswitch._extras import install_hint, missing
 from fastswitch.client import DEFAULT_ADDR, Client, FastSwitchError
+
+# The commands that run server code: the extra each needs, and the module each runs (imported only for it).
+SERVER_COMMANDS = {
+    "up": ("server", "svc_common.stack"),
+    "scheduler": ("server", "scheduler_svc.__main__"),
+    "executor": ("server", "executor_svc.__main__"),
+    "swapd": ("server", "swap_daemon.__main__"),
+    "bench": ("bench", "fastswitch_bench.runner"),
+}
+SERVICES = ("scheduler", "executor", "swapd")
+# This distribution's own top-level packages: one missing is a broken install, not a missing extra.
+OWN_PACKAGES = {"fastswitch", "fastswitch_bench", "svc_common", "scheduler_svc", "executor_svc", "swap_daemon"}
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -172,10 +190,13 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(server: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI. With `server=False` the `up` command's settings are left out: reading them imports the
+    services' configs, which a client-only install does not need (and `up` is not being run)."""
     parser = argparse.ArgumentParser(
         prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(
@@ -184,9 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the scheduler, executor and swap daemon as local processes (executor on --port+1, "
         "swap daemon on --port+2); print a line with 'ready' once all are healthy; SIGINT/SIGTERM stops them.",
     )
-    from svc_common.stack import StackConfig
+    if server:
+        from svc_common.stack import StackConfig
 
-    StackConfig.add_arguments(up)
+        StackConfig.add_arguments(up)
     up.add_argument("--log-dir", default=None, help="write each service's log here")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cmd_up)
@@ -250,17 +272,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_extra(command: str, extra: str, names: str) -> int:
+    hint = install_hint(extra)
+    print(f"fastswitch {command} needs the {extra} extra ({names} not installed): {hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("scheduler", "executor", "swapd"):
-        import importlib
-
-        module = {"scheduler": "scheduler_svc", "executor": "executor_svc", "swapd": "swap_daemon"}[argv[0]]
-        importlib.import_module(f"{module}.__main__").main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else ""
+    extra = SERVER_COMMANDS[command][0] if command in SERVER_COMMANDS else ""
     try:
+        if extra:
+            if absent := missing(extra):
+                return _missing_extra(command, extra, ", ".join(absent))
+            module = importlib.import_module(SERVER_COMMANDS[command][1])
+            if command in SERVICES:
+                module.main(argv[1:])
+                return 0
+        args = build_parser(server=command == "up").parse_args(argv)
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        # The installed metadata cannot tell from a source tree; the failed import can.
+        top = (err.name or "").partition(".")[0]
+        if extra and top and top not in OWN_PACKAGES:
+            return _missing_extra(command, extra, top)
+        raise
     except FastSwitchError as err:
         print(f"fastswitch: {err}", file=sys.stderr)
         return 2
