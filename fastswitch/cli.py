@@ -4,7 +4,7 @@ fastswitch up [--port 50051] [--model PATH] ...      # start all services, print
 fastswitch generate "The capital of France is"      # stream a completion to stdout
 fastswitch chat                                      # interactive multi-turn chat
 fastswitch stats                                     # scheduler statistics as one JSON object
-fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
+fastswitch scheduler|executor|swapd|http [...]       # one service (what docker-compose runs)
 fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on one workload
 """
 
@@ -52,7 +52,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    print(f"fastswitch ready at {addr}", flush=True)
+    http = f" (OpenAI API at {stack.http_url}/v1, metrics at {stack.http_url}/metrics)" if stack.http_url else ""
+    print(f"fastswitch ready at {addr}{http}", flush=True)
     try:
         while not stop["requested"]:
             time.sleep(0.2)
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("scheduler", "scheduler_svc"),
         ("executor", "executor_svc"),
         ("swapd", "swap_daemon"),
+        ("http", "openai_svc"),
     ):
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)
@@ -215,10 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("scheduler", "executor", "swapd"):
+    services = {"scheduler": "scheduler_svc", "executor": "executor_svc", "swapd": "swap_daemon", "http": "openai_svc"}
+    if argv and argv[0] in services:
         import importlib
 
-        module = {"scheduler": "scheduler_svc", "executor": "executor_svc", "swapd": "swap_daemon"}[argv[0]]
+        module = services[argv[0]]
         importlib.import_module(f"{module}.__main__").main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)

@@ -13,7 +13,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -22,6 +22,7 @@ import structlog
 from fastswitch.v1 import executor_pb2, executor_pb2_grpc, swap_pb2, swap_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
+from scheduler_svc.metrics import Metrics
 from scheduler_svc.scheduler import Scheduler, SwapOrder
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import (
@@ -62,6 +63,7 @@ class GenerateInput:
     conversation_id: str = ""
     system_prompt: str = ""
     request_id: str = ""
+    messages: list[dict[str, str]] = field(default_factory=list)  # a whole chat instead of prompt/system_prompt
 
 
 class _Live:
@@ -94,6 +96,7 @@ class Engine:
         self._swap_call: Any = None
         self._swap_task: asyncio.Task[None] | None = None
         self._swap_landed = asyncio.Event()
+        self.metrics = Metrics(self, config.metrics_tenants)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -101,6 +104,7 @@ class Engine:
         """Connect to the executor (waiting for it to be ready), then run the step loop."""
         if tokenizer is not None:
             self.tokenizer = tokenizer
+        self.metrics.bind_loop(asyncio.get_running_loop())
         self._channel = grpc.aio.insecure_channel(self.config.executor_addr, options=CHANNEL_OPTIONS)
         stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self.info = await self._describe(stub, wait_s=self.config.executor_timeout_s)
@@ -322,6 +326,7 @@ class Engine:
                 if stalled:
                     sched.stats.counters["swap_stall_s"] += time.perf_counter() - start
                 continue
+            self.metrics.on_scheduled([r.request_id for r in plan.new_requests], self.live)
             await call.write(plan.to_proto())
             result = await call.read()
             if result is grpc.aio.EOF:
@@ -340,6 +345,7 @@ class Engine:
                         self._end(live, live.seq.finish or Finish.CANCELLED)
 
     def _emit(self, live: _Live, token_id: int, now_ns: int) -> None:
+        self.metrics.on_token(live.seq.request_id, live.seq.tenant, live.started)
         text = live.detok.add(token_id)
         if live.detok.stopped and not live.seq.finished:
             assert self.scheduler is not None
@@ -353,6 +359,7 @@ class Engine:
             history = self.conversations.setdefault(live.conversation, [])
             history.append({"role": "assistant", "content": live.detok.text[: live.detok.sent] + tail})
         live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish))
+        self.metrics.on_finish(live.seq.request_id, live.seq.tenant, finish.value, live.started)
         log.info(
             "request_finished",
             request_id=live.seq.request_id,
@@ -369,6 +376,7 @@ class Engine:
         self.scheduler.abort(live.seq.request_id, Finish.ERROR)
         self.live.pop(live.seq.request_id, None)
         live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+        self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
 
     # -- client-facing operations -----------------------------------------------------------------
 
@@ -377,7 +385,7 @@ class Engine:
         sched, info = self.scheduler, self.info
         if sched is None or info is None or self._task is None:
             raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
-        if not req.prompt:
+        if not req.prompt and not req.messages:
             raise InvalidArgument("prompt is empty: send at least one character of text")
         if req.max_tokens <= 0:
             raise InvalidArgument(f"max_tokens must be > 0, got {req.max_tokens}")
@@ -393,10 +401,13 @@ class Engine:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
         conversation = (tenant, req.conversation_id) if req.conversation_id else None
         messages = list(self.conversations.get(conversation, [])) if conversation else []
-        if req.system_prompt and not messages:
-            messages.append({"role": "system", "content": req.system_prompt})
-        messages.append({"role": "user", "content": req.prompt})
-        prompt_ids = self._tokenize(messages, req.chat)
+        if req.messages:
+            messages += chat_messages(req)
+        else:
+            if req.system_prompt and not messages:
+                messages.append({"role": "system", "content": req.system_prompt})
+            messages.append({"role": "user", "content": req.prompt})
+        prompt_ids = self._tokenize(messages, req.chat or bool(req.messages))
         if not prompt_ids:
             raise InvalidArgument("prompt tokenises to nothing")
         total = len(prompt_ids) + req.max_tokens
@@ -431,7 +442,10 @@ class Engine:
 
     def _tokenize(self, messages: list[dict[str, str]], chat: bool) -> list[int]:
         if chat:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as err:  # noqa: BLE001 - a template's own check (e.g. roles must alternate)
+                raise InvalidArgument(f"the model's chat template rejects these messages: {err}") from err
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -533,3 +547,16 @@ class Engine:
             name: (t.weighted(*prices), t.prompt_tokens, t.generated_tokens)
             for name, t in self.scheduler.stats.tenants.items()
         }
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(req: GenerateInput) -> list[dict[str, str]]:
+    """A request's own chat messages, checked; they replace prompt and system_prompt."""
+    if req.prompt or req.system_prompt:
+        raise InvalidArgument("send either messages or prompt (and system_prompt), not both")
+    for i, m in enumerate(req.messages):
+        if m.get("role") not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+    return [{"role": m["role"], "content": m.get("content", "")} for m in req.messages]

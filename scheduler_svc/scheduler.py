@@ -708,9 +708,11 @@ class Scheduler:
             self._releases.append(seq.request_id)
             seq.executor_known = False
         if count and self._swap_out(seq):
+            self.stats.counters["preemptions_swap"] += 1
             log.debug("preempted_swap", request_id=seq.request_id, computed=seq.num_computed)
         else:
             if count:
+                self.stats.counters["preemptions_recompute"] += 1
                 self.stats.counters["recomputed_tokens"] += seq.num_computed
             log.debug("preempted_recompute", request_id=seq.request_id, computed=seq.num_computed)
             self._release(seq)
