@@ -67,7 +67,7 @@ HTTP_STATUS: dict[type[FastSwitchError], int] = {
     DeadlineExceeded: 504,
 }
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/conversations", "/health", "/metrics")
 
 
 class ApiError(Exception):
@@ -179,12 +179,15 @@ class Front:
 
     # -- request handling ---------------------------------------------------------------------------
 
-    def identify(self, request: Request, body: protocol._GenerationBody) -> str:
+    def identify(self, request: Request, body: protocol._GenerationBody | None) -> str:
         """The tenant the request is served and accounted as.
 
         The one place where identity is decided: until API keys exist (issue 13) it is the body's
-        `user`; with keys, the `authorization: Bearer KEY` header's tenant replaces it here.
+        `user` (or the `user` query parameter where there is no body); with keys, the
+        `authorization: Bearer KEY` header's tenant replaces it here.
         """
+        if body is None:
+            return request.query_params.get("user", "")
         return body.user or ""
 
     def structured_output(self, body: protocol._GenerationBody) -> dict[str, Any]:
@@ -403,7 +406,8 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = scope["path"] if scope["path"] in ROUTES else "other"
+        path = scope["path"]
+        route = next((r for r in ROUTES if path == r or path.startswith(r + "/")), "other")
         status = {"code": 500}
 
         async def sending(message: Message) -> None:
@@ -473,6 +477,13 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
                 }
             ],
         }
+
+    @app.delete("/v1/conversations/{conversation_id}")
+    async def delete_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
+        """Our conversations' end (OpenAI's Conversations API shape): frees the history and KV kept for it."""
+        tenant = front.identify(request, None)
+        await front.client.end_conversation(conversation_id, tenant=tenant)
+        return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     @app.get("/health")
     async def health() -> Response:
