@@ -46,7 +46,7 @@ class ScriptedScheduler:
         return True
 
     async def metrics(self) -> str:
-        return "# HELP fastswitch_steps_total Steps\n# TYPE fastswitch_steps_total counter\nfastswitch_steps_total 7.0\n"
+        return "# TYPE fastswitch_steps_total counter\nfastswitch_steps_total 7.0\n"
 
     async def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
         if conversation_id == "unknown":
@@ -64,7 +64,7 @@ class ScriptedScheduler:
                 grpc.StatusCode.INVALID_ARGUMENT,
             )
         if "too big" in text:
-            raise ResourceExhausted("can never fit the KV pool [RESOURCE_EXHAUSTED]", grpc.StatusCode.RESOURCE_EXHAUSTED)
+            raise ResourceExhausted("never fits the KV pool [RESOURCE_EXHAUSTED]", grpc.StatusCode.RESOURCE_EXHAUSTED)
         done = False
         try:
             await asyncio.sleep(self.queue_delay_s)
@@ -136,9 +136,10 @@ def _wait_for(predicate: Any, timeout_s: float = 5.0) -> None:
 def test_priority_follows_vllm_lower_is_earlier_and_maps_onto_larger_runs_first() -> None:
     body = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], priority=-3)
     assert body.sampling_kwargs(16)["priority"] == 3
-    assert ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], priority=2).sampling_kwargs(16)[
-        "priority"
-    ] == -2
+    assert (
+        ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], priority=2).sampling_kwargs(16)["priority"]
+        == -2
+    )
 
 
 def test_openai_defaults_apply_when_fields_are_absent() -> None:
