@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,13 @@ PROMPTS = [
 
 # A near-tie: the reference's top-2 logit gap at the first differing position is below this.
 NEAR_TIE_LOGIT_GAP = 0.05
+
+
+def free_port() -> int:
+    """One free loopback port (the HTTP front's; free_port_base finds the gRPC services' three)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,18 +19,12 @@ import openai
 import pytest
 
 from fastswitch import AsyncClient, Client
-from tests.conftest import start_stack
+from tests.conftest import free_port, start_stack
 
 pytestmark = pytest.mark.model
 
 MODEL = "SmolLM2-135M-Instruct"
 QUESTION = "What is the capital of France?"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
