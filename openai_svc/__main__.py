@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         create_app(config),
         host=config.bind,
         port=config.port,
+        loop="asyncio",  # grpc.aio (the scheduler client) runs on the standard loop
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=GRACE_S,
