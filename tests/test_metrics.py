@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scheduler_svc.metrics import OTHER, Metrics, TenantLabels
@@ -201,3 +202,18 @@ def test_metrics_histograms_agree_with_the_bench_on_the_same_run(model_dir, toke
     )
     assert tbt_count - len(tbt) in (0, 1)  # the warm-up request's second token, if it had one
     assert {n for n in after if not n.startswith("fastswitch_http_")} == set(direct)
+
+
+def test_the_grafana_dashboard_queries_only_metrics_that_exist() -> None:
+    import json
+    import pathlib
+    import re
+
+    from openai_svc.app import HttpMetrics
+
+    exposed = set(families(Metrics(FakeEngine())))
+    exposed |= {f.name for f in text_string_to_metric_families(generate_latest(HttpMetrics().registry).decode())}
+    dashboard = json.loads((pathlib.Path(__file__).parent.parent / "deploy/grafana/fastswitch.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {re.sub(r"_(bucket|total)$", "", m) for e in exprs for m in re.findall(r"fastswitch_\w+", e)}
+    assert used and not used - exposed, f"the dashboard queries metrics nobody exports: {sorted(used - exposed)}"
