@@ -6,7 +6,7 @@ PORT ?= 50051
 PROMPT ?= What is the capital of France?
 BENCH_OUT ?= bench-results/small
 
-.PHONY: install demo test test-fast bench bench-swap proto lint clean
+.PHONY: install demo test test-fast bench bench-swap bench-http proto lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -57,6 +57,11 @@ bench: install
 
 bench-swap: install
 	$(PY) -m swap_daemon.bench
+
+# The HTTP front's cost: one workload through the gRPC SDK and through the openai client, ABBA rounds
+# on one stack (docs/http-overhead.md).
+bench-http: install
+	$(PY) -m fastswitch_bench.http_overhead --preset small --rounds 4 --out bench-results/http
 
 proto: $(PY)
 	$(PY) tools/gen_proto.py
