@@ -462,21 +462,27 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await front.respond(request, await front.prepare(request, body))
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def model_card() -> dict[str, Any]:
         info = await front.model()
         return {
-            "object": "list",
-            "data": [
-                {
-                    "id": await front.model_id(),
-                    "object": "model",
-                    "created": front.started,
-                    "owned_by": "fastswitch",
-                    "max_model_len": info.max_model_len,
-                }
-            ],
+            "id": await front.model_id(),
+            "object": "model",
+            "created": front.started,
+            "owned_by": "fastswitch",
+            "max_model_len": info.max_model_len,
         }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [await model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        card = await model_card()
+        if model != card["id"]:
+            raise ApiError(404, f"the model {model!r} does not exist; this server serves {card['id']!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+        return card
 
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request) -> dict[str, Any]:

@@ -133,6 +133,7 @@ class ChatCompletionRequest(_GenerationBody):
 
 class CompletionRequest(_GenerationBody):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16  # OpenAI's default for (legacy) completions
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

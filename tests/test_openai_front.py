@@ -143,9 +143,10 @@ def test_priority_follows_vllm_lower_is_earlier_and_maps_onto_larger_runs_first(
 
 
 def test_openai_defaults_apply_when_fields_are_absent() -> None:
-    kwargs = CompletionRequest(prompt="x").sampling_kwargs(default_max_tokens=33)
+    kwargs = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}]).sampling_kwargs(default_max_tokens=33)
     assert (kwargs["max_tokens"], kwargs["temperature"], kwargs["top_p"], kwargs["top_k"]) == (33, 1.0, 1.0, 0)
     assert kwargs["seed"] is None and kwargs["stop"] == [] and kwargs["conversation_id"] == ""
+    assert CompletionRequest(prompt="x").sampling_kwargs(default_max_tokens=33)["max_tokens"] == 16  # OpenAI's
 
 
 def test_max_completion_tokens_wins_over_max_tokens_and_stop_may_be_one_string() -> None:
@@ -241,8 +242,11 @@ def test_streamed_completion_without_usage_option_sends_no_usage(client: openai.
     assert all(c.usage is None for c in chunks)
 
 
-def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
+def test_models_lists_and_retrieves_the_served_model(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-7")
 
 
 def test_malformed_json_is_a_400_in_openai_error_shape(front) -> None:
@@ -282,9 +286,12 @@ def test_bad_fields_are_400s_naming_the_field_and_reach_no_scheduler(front, body
 
 def test_scheduler_refusals_keep_their_meaning_as_http_statuses(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="refuse this")
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "refuse this"}])
     message = err.value.body["message"]
     assert "exceeds the model's context" in message and "default is 16" in message  # no max_tokens was sent
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="refuse this", max_tokens=8)
+    assert "default is" not in err.value.body["message"]
     with pytest.raises(openai.RateLimitError):
         client.completions.create(model=MODEL, prompt="too big", max_tokens=4)
     # Streaming too: a refusal before the first token is an HTTP error, not a 200 stream that fails.
