@@ -18,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from fastswitch import AsyncClient, Client
+from fastswitch import AsyncClient, Client, InvalidRequest
 from tests.conftest import free_port, start_stack
 
 pytestmark = pytest.mark.model
@@ -229,3 +229,19 @@ def test_bad_requests_get_openai_errors_and_change_no_state(http_stack, api, grp
     with pytest.raises(openai.BadRequestError, match="chat template|role"):
         api.chat.completions.create(model=MODEL, messages=[{"role": "tool", "content": "hi"}], max_tokens=8)
     assert _state(grpc_client.stats()) == before
+
+
+def test_grpc_takes_a_whole_chat_as_messages_and_describes_the_model(grpc_client) -> None:
+    system = "Answer in one word."
+    by_prompt = grpc_client.complete(QUESTION, chat=True, system_prompt=system, max_tokens=8)
+    by_messages = grpc_client.complete(
+        "", messages=[{"role": "system", "content": system}, {"role": "user", "content": QUESTION}], max_tokens=8
+    )
+    assert by_messages.token_ids == by_prompt.token_ids and by_messages.prompt_tokens == by_prompt.prompt_tokens
+    with pytest.raises(InvalidRequest, match="role must be one of"):
+        grpc_client.complete("", messages=[{"role": "tool", "content": "x"}], max_tokens=4)
+    with pytest.raises(InvalidRequest, match="either messages or prompt"):
+        grpc_client.complete("hi", messages=[{"role": "user", "content": "x"}], max_tokens=4)
+    info = grpc_client.describe_model()
+    assert (info.model, info.kv_capacity_tokens, info.policy) == (MODEL, 64 * 16, "priority")
+    assert info.max_model_len > 1000
