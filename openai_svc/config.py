@@ -18,8 +18,9 @@ class HttpConfig:
         "", env="FASTSWITCH_SERVED_MODEL_NAME", help="the model id clients send (empty: the scheduler's model name)"
     )
     default_max_tokens: int = setting(
-        256, env="FASTSWITCH_DEFAULT_MAX_TOKENS", help="max_tokens of a request that sets none"
-    )
+        256, env="FASTSWITCH_DEFAULT_MAX_TOKENS",
+        help="max_tokens of a chat request that sets none (completions: 16, as OpenAI's)",
+    )  # fmt: skip
     request_timeout_s: float = setting(
         600.0, flag="--request-timeout", env="FASTSWITCH_REQUEST_TIMEOUT_S",
         help="deadline of one generation on the scheduler, in seconds",
