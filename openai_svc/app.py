@@ -70,6 +70,9 @@ ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/conversations", "/health", "/metrics")
 
 
+CUT_STREAM = "the scheduler's stream ended without a finish reason; the answer may be incomplete: retry"
+
+
 class ApiError(Exception):
     """An error to answer with OpenAI's error JSON."""
 
@@ -245,6 +248,8 @@ class Front:
         try:
             if not p.stream:
                 completion = await self._unless_gone(request, _collect(stream))
+                if completion.finish_reason is None:  # a cut stream is an error, never a completion
+                    raise ApiError(503, CUT_STREAM)
                 builder = protocol.chat_completion if p.kind == "chat" else protocol.text_completion
                 return JSONResponse(builder(p.response_id, p.model, completion), headers=self._headers(p))
             # The first chunk decides the status: a request the scheduler refuses gets a 4xx, not a
@@ -287,6 +292,9 @@ class Front:
                 chunk = await anext(rest, None)
         except FastSwitchError as err:  # after the 200: the error goes in the stream, as OpenAI does
             yield _sse(self._api_error(err, p).body())
+            return
+        if chunk is None:  # a cut stream is an error, never a completion
+            yield _sse(ApiError(503, CUT_STREAM).body())
             return
         if p.include_usage:
             obj = "chat.completion.chunk" if p.kind == "chat" else "text_completion"

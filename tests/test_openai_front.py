@@ -70,6 +70,8 @@ class ScriptedScheduler:
             await asyncio.sleep(self.queue_delay_s)
             words = WORDS[: kwargs["max_tokens"]]
             for i, word in enumerate(words):
+                if "cut short" in text and i == 2:
+                    return  # the stream ends without a finish reason
                 if "fail midway" in text and i == 2:
                     raise ServiceUnavailable("executor unavailable [UNAVAILABLE]", grpc.StatusCode.UNAVAILABLE)
                 last = i == len(words) - 1
@@ -370,3 +372,13 @@ def test_metrics_are_the_schedulers_then_the_fronts_in_one_parseable_exposition(
 def test_health_is_ok_while_the_scheduler_serves(front) -> None:
     with urllib.request.urlopen(front[0] + "/health", timeout=10) as resp:
         assert resp.status == 200 and json.loads(resp.read()) == {"status": "ok"}
+
+
+def test_a_stream_cut_without_a_finish_reason_is_an_error_never_a_completion(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError, match="without a finish reason"):
+        client.completions.create(model=MODEL, prompt="cut short", max_tokens=4)
+    texts = []
+    with pytest.raises(openai.APIError, match="without a finish reason"):
+        for chunk in client.completions.create(model=MODEL, prompt="cut short", max_tokens=4, stream=True):
+            texts.append(chunk.choices[0].text)
+    assert texts == ["Hello", ","]
