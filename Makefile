@@ -6,7 +6,7 @@ PORT ?= 50051
 PROMPT ?= What is the capital of France?
 BENCH_OUT ?= bench-results/small
 
-.PHONY: install demo test test-fast check-lowest dist bench bench-swap bench-structured proto lint clean gpu-check
+.PHONY: install demo test test-fast check-lowest dist bench bench-swap bench-structured bench-http proto lint clean gpu-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -85,6 +85,11 @@ gpu-check:
 # Structured output's cost: constrained vs unconstrained tokens/s at batch 1 and 16 (docs/structured-output.md).
 bench-structured: install
 	$(PY) -m fastswitch_bench.structured --out docs/results/structured
+
+# The HTTP front's cost: one workload through the gRPC SDK and through the openai client, ABBA rounds
+# on one stack (docs/http-overhead.md).
+bench-http: install
+	$(PY) -m fastswitch_bench.http_overhead --preset small --rounds 4 --out bench-results/http
 
 proto: $(PY)
 	$(PY) tools/gen_proto.py

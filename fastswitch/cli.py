@@ -4,7 +4,7 @@ fastswitch up [--port 50051] [--model PATH] ...      # start all services, print
 fastswitch generate "The capital of France is"      # stream a completion to stdout
 fastswitch chat                                      # interactive multi-turn chat
 fastswitch stats                                     # scheduler statistics as one JSON object
-fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
+fastswitch scheduler|executor|swapd|http [...]       # one service (what docker-compose runs)
 fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on one workload
 
 generate, chat and stats need only the client (the base install); the other commands import server code
@@ -32,11 +32,20 @@ SERVER_COMMANDS = {
     "scheduler": ("server", "scheduler_svc.__main__"),
     "executor": ("server", "executor_svc.__main__"),
     "swapd": ("server", "swap_daemon.__main__"),
+    "http": ("http", "openai_svc.__main__"),
     "bench": ("bench", "fastswitch_bench.runner"),
 }
-SERVICES = ("scheduler", "executor", "swapd")
+SERVICES = ("scheduler", "executor", "swapd", "http")
 # This distribution's own top-level packages: one missing is a broken install, not a missing extra.
-OWN_PACKAGES = {"fastswitch", "fastswitch_bench", "svc_common", "scheduler_svc", "executor_svc", "swap_daemon"}
+OWN_PACKAGES = {
+    "fastswitch",
+    "fastswitch_bench",
+    "svc_common",
+    "scheduler_svc",
+    "executor_svc",
+    "swap_daemon",
+    "openai_svc",
+}
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -71,7 +80,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    print(f"fastswitch ready at {addr}", flush=True)
+    http = f" (OpenAI API at {stack.http_url}/v1, metrics at {stack.http_url}/metrics)" if stack.http_url else ""
+    print(f"fastswitch ready at {addr}{http}", flush=True)
     try:
         while not stop["requested"]:
             time.sleep(0.2)
@@ -236,6 +246,7 @@ def build_parser(server: bool = True) -> argparse.ArgumentParser:
         ("scheduler", "scheduler_svc"),
         ("executor", "executor_svc"),
         ("swapd", "swap_daemon"),
+        ("http", "openai_svc"),
     ):
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)

@@ -122,6 +122,20 @@ def _phases(msg: api_pb2.GenerateResponse) -> dict[str, float]:
 
 
 @dataclass(slots=True)
+class ModelInfo:
+    """The served model and its limits."""
+
+    model: str
+    max_model_len: int
+    kv_capacity_tokens: int
+    policy: str
+
+    @classmethod
+    def from_proto(cls, msg: api_pb2.DescribeModelResponse) -> ModelInfo:
+        return cls(msg.model, msg.max_model_len, msg.kv_capacity_tokens, msg.policy)
+
+
+@dataclass(slots=True)
 class Completion:
     request_id: str
     text: str
@@ -162,7 +176,9 @@ def build_request(
     regex: str | None = None,
     choice: Sequence[str] | None = None,
     grammar: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> api_pb2.GenerateRequest:
+    """The Generate request; `messages` (a whole chat, OpenAI style) replaces prompt and system_prompt."""
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
         sampling.seed = seed
@@ -178,6 +194,7 @@ def build_request(
         priority=priority,
         conversation_id=conversation_id,
         system_prompt=system_prompt,
+        messages=[api_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages or ()],
     )
     _set_structured_output(request, json_schema, json_object, regex, choice, grammar)
     return request
@@ -351,6 +368,13 @@ class Client:
             }
         return out
 
+    def describe_model(self) -> ModelInfo:
+        return ModelInfo.from_proto(self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
+
+    def metrics(self) -> str:
+        """The scheduler's Prometheus metrics (text exposition format)."""
+        return self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest()).text
+
     def _unary(self, method: Any, request: Any) -> Any:
         try:
             return method(request, timeout=UNARY_TIMEOUT_S)
@@ -406,6 +430,25 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, Any]:
         return _stats_dict(await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
+
+    async def describe_model(self) -> ModelInfo:
+        return ModelInfo.from_proto(await self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
+
+    async def metrics(self) -> str:
+        """The scheduler's Prometheus metrics (text exposition format)."""
+        return (await self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest())).text
+
+    async def serving(self) -> bool:
+        """Whether the scheduler's health service says SERVING (False when it is unreachable)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=UNARY_TIMEOUT_S
+            )
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:

@@ -23,10 +23,11 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.grammar import Grammars, OutputConstraint
+from scheduler_svc.metrics import Metrics
 from scheduler_svc.scheduler import Scheduler, TokenEvent
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
-from svc_common.plan import Sampling
+from svc_common.plan import Sampling, StepPlan
 
 log = structlog.get_logger(__name__)
 
@@ -58,6 +59,7 @@ class GenerateInput:
     system_prompt: str = ""
     request_id: str = ""
     constraint: OutputConstraint | None = None  # structured output
+    messages: list[dict[str, str]] = field(default_factory=list)  # a whole chat instead of prompt/system_prompt
 
 
 class _Live:
@@ -79,10 +81,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.scheduler: Scheduler | None = None
         self.live: dict[str, _Live] = {}
-        self.link = ExecutorLink(config, on_tokens=self._on_tokens, on_gone=self._fail_all)
+        self.link = ExecutorLink(config, on_tokens=self._on_tokens, on_gone=self._fail_all, on_plan=self._on_plan)
         self._started = time.monotonic()
         self._grammars: Grammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
+        self.metrics = Metrics(self, config.metrics_tenants)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -90,6 +93,7 @@ class Engine:
         """Connect to the executor (waiting for it to be ready), then run the step loop."""
         if tokenizer is not None:
             self.tokenizer = tokenizer
+        self.metrics.bind_loop(asyncio.get_running_loop())
         info = await self.link.connect()
         self.scheduler = Scheduler(self.config, info.num_blocks, info.block_size, self._eos_ids())
         log.info(
@@ -123,7 +127,11 @@ class Engine:
             elif live.seq.finished:
                 self._end(live, live.seq.finish or Finish.CANCELLED)
 
+    def _on_plan(self, plan: StepPlan) -> None:
+        self.metrics.on_scheduled([r.request_id for r in plan.new_requests], self.live)
+
     def _emit(self, live: _Live, token_id: int, produced_ns: int) -> None:
+        self.metrics.on_token(live.seq.request_id, live.seq.tenant, live.started)
         text = live.detok.add(token_id)
         if live.detok.stopped and not live.seq.finished:
             assert self.scheduler is not None
@@ -138,6 +146,7 @@ class Engine:
             self.scheduler.conversations.record_answer(seq.conversation, live.detok.text[: live.detok.sent] + tail)
         phases = seq.phases.seconds()
         live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish, phases))
+        self.metrics.on_finish(seq.request_id, seq.tenant, finish.value, live.started)
         log.info(
             "request_finished",
             request_id=seq.request_id,
@@ -154,6 +163,7 @@ class Engine:
         """End one request with an error the client sees (the others carry on)."""
         self.live.pop(live.seq.request_id, None)
         live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+        self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
 
     def _fail_all(self, message: str) -> None:
         for live in list(self.live.values()):
@@ -161,6 +171,7 @@ class Engine:
                 self.scheduler.abort(live.seq.request_id, Finish.ERROR)
             self.live.pop(live.seq.request_id, None)
             live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+            self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
 
     # -- structured output ------------------------------------------------------------------------
 
@@ -186,7 +197,7 @@ class Engine:
         sched, info = self.scheduler, self.link.info
         if sched is None or info is None or not self.link.running:
             raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
-        if not req.prompt:
+        if not req.prompt and not req.messages:
             raise InvalidArgument("prompt is empty: send at least one character of text")
         if req.max_tokens <= 0:
             raise InvalidArgument(f"max_tokens must be > 0, got {req.max_tokens}")
@@ -202,10 +213,13 @@ class Engine:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
         conversation = (tenant, req.conversation_id) if req.conversation_id else None
         messages = sched.conversations.messages(conversation) if conversation else []
-        if req.system_prompt and not messages:
-            messages.append({"role": "system", "content": req.system_prompt})
-        messages.append({"role": "user", "content": req.prompt})
-        prompt_ids = self._tokenize(messages, req.chat)
+        if req.messages:
+            messages += chat_messages(req)
+        else:
+            if req.system_prompt and not messages:
+                messages.append({"role": "system", "content": req.system_prompt})
+            messages.append({"role": "user", "content": req.prompt})
+        prompt_ids = self._tokenize(messages, req.chat or bool(req.messages))
         if not prompt_ids:
             raise InvalidArgument("prompt tokenises to nothing")
         total = len(prompt_ids) + req.max_tokens
@@ -240,7 +254,10 @@ class Engine:
 
     def _tokenize(self, messages: list[dict[str, str]], chat: bool) -> list[int]:
         if chat:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as err:  # noqa: BLE001 - a template's own check (e.g. roles must alternate)
+                raise InvalidArgument(f"the model's chat template rejects these messages: {err}") from err
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -316,3 +333,16 @@ class Engine:
             name: (t.weighted(*prices), t.prompt_tokens, t.generated_tokens)
             for name, t in self.scheduler.stats.tenants().items()
         }
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(req: GenerateInput) -> list[dict[str, str]]:
+    """A request's own chat messages, checked; they replace prompt and system_prompt."""
+    if req.prompt or req.system_prompt:
+        raise InvalidArgument("send either messages or prompt (and system_prompt), not both")
+    for i, m in enumerate(req.messages):
+        if m.get("role") not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+    return [{"role": m["role"], "content": m.get("content", "")} for m in req.messages]

@@ -27,7 +27,7 @@ from scheduler_svc.scheduler import Scheduler, TokenEvent
 from scheduler_svc.swap_manager import SwapOrder
 from scheduler_svc.swapd_link import DESCRIBE_DEADLINE_S, SwapDaemonLink
 from svc_common.errors import Unavailable
-from svc_common.plan import StepOutput
+from svc_common.plan import StepOutput, StepPlan
 from svc_common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
@@ -50,6 +50,7 @@ class ExecutorLink:
         config: SchedulerConfig,
         on_tokens: Callable[[list[TokenEvent], int], None],
         on_gone: Callable[[str], None],
+        on_plan: Callable[[StepPlan], None] | None = None,
     ) -> None:
         self.config = config
         self.info: executor_pb2.ExecutorInfo | None = None
@@ -57,6 +58,7 @@ class ExecutorLink:
         self.swapd: SwapDaemonLink | None = None
         self._on_tokens = on_tokens
         self._on_gone = on_gone
+        self._on_plan = on_plan or (lambda plan: None)
         self._wake = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
         self._stub: executor_pb2_grpc.ExecutorStub | None = None
@@ -158,6 +160,7 @@ class ExecutorLink:
                 if stalled:
                     sched.stats.count("swap_stall_s", time.perf_counter() - start)
                 continue
+            self._on_plan(plan)
             await call.write(plan.to_proto())
             result = await call.read()
             if result is grpc.aio.EOF:

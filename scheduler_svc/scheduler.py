@@ -348,9 +348,11 @@ class Scheduler:
             self._releases.append(seq.request_id)
             seq.executor_known = False
         if count and self.swaps.swap_out(seq):
+            self.stats.count("preemptions_swap")
             log.debug("preempted_swap", request_id=seq.request_id, computed=seq.num_computed)
             return
         if count:
+            self.stats.count("preemptions_recompute")
             self.stats.count("recomputed_tokens", seq.num_computed)
         log.debug("preempted_recompute", request_id=seq.request_id, computed=seq.num_computed)
         self._release(seq)
