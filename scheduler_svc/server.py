@@ -105,7 +105,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
     async def DescribeModel(
         self, request: api_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.DescribeModelResponse:
-        info = self.engine.info
+        info = self.engine.link.info
         if info is None:
             raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
         return api_pb2.DescribeModelResponse(

@@ -160,7 +160,9 @@ def scrape(url: str) -> dict[str, Any]:
 @pytest.mark.model
 @pytest.mark.slow
 def test_metrics_histograms_agree_with_the_bench_on_the_same_run(model_dir, tokenizer) -> None:
-    from fastswitch_bench.runner import PRESETS, build_workload, replay
+    from fastswitch_bench.presets import PRESETS
+    from fastswitch_bench.replay import replay
+    from fastswitch_bench.runner import build_workload
     from tests.conftest import free_port, running_stack
 
     preset = PRESETS["tiny"]
