@@ -10,6 +10,7 @@ from svc_common.settings import setting
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("sdpa", "triton")
+CPU_LINEAR = ("onednn", "dense")
 CPU_DEFAULT_BLOCKS = 1024  # --device-blocks 0 on a CPU: a fixed pool (nothing to size it from)
 
 
@@ -24,6 +25,10 @@ class ExecutorConfig:
     )  # fmt: skip
     device: str = setting("auto", env="FASTSWITCH_DEVICE", help="auto | cpu | cuda | cuda:N")
     threads: int = setting(0, env="FASTSWITCH_THREADS", help="torch intra-op threads on CPU (0: all cores)")
+    cpu_linear: str = setting(
+        "onednn", env="FASTSWITCH_CPU_LINEAR", choices=CPU_LINEAR,
+        help="linear layers on a CPU: onednn (weights packed once at load, fast) or dense (F.linear, as loaded)",
+    )  # fmt: skip
     dtype: str = setting(
         "auto", env="FASTSWITCH_DTYPE", choices=DTYPES,
         help="weights and KV dtype (auto: float32 on CPU, bfloat16 on CUDA)",
@@ -60,6 +65,8 @@ class ExecutorConfig:
             raise ValueError(f"load format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"GPU memory utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.cpu_linear not in CPU_LINEAR:
+            raise ValueError(f"cpu linear must be one of {', '.join(CPU_LINEAR)}, got {self.cpu_linear!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.cuda_graphs and self.attention != "triton":

@@ -22,6 +22,7 @@ import torch
 
 from executor_svc import paged_attention
 from executor_svc.config import CPU_DEFAULT_BLOCKS, ExecutorConfig
+from executor_svc.cpu_linear import pack_linears
 from executor_svc.kv_pool import KVPool, block_bytes
 from executor_svc.loader import (
     PROFILE_TOKENS,
@@ -69,6 +70,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_model(self.model_dir, self.dtype, self.device, config.load_format)
         self.model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)
+        self.packed_linears = 0
+        if self.device.type == "cpu" and config.cpu_linear == "onednn":
+            self.packed_linears = pack_linears(self.model)
         text_config = self.model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads
@@ -102,6 +106,7 @@ class ModelRunner:
             load_format=config.load_format,
             attention=self.attention,
             cuda_graphs=self.graphs is not None,
+            packed_linears=self.packed_linears,
             layers=self.num_layers,
             kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,

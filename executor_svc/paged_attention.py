@@ -130,16 +130,16 @@ def _sdpa(
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
             else:
                 blocks = meta.prefill.tables[i, : (ctx + block_size - 1) // block_size]
-                ks = k_cache[blocks].reshape(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
-                vs = v_cache[blocks].reshape(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                ks = _gather(k_cache, blocks).reshape(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+                vs = _gather(v_cache, blocks).reshape(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
                 mask = _derived(meta, f"prefill_mask_{i}", lambda c=ctx, n=q_len: _chunk_mask(c, n, q.device))
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
             out[q_start : q_start + q_len] = o.transpose(0, 1)
     if meta.decode is not None:
         d = meta.decode
         qd = q[:, d.rows].transpose(0, 1).unsqueeze(2)  # [Bd, H, 1, D]
-        kd = k_cache[d.tables].reshape(d.count, -1, kv_heads, head_dim).transpose(1, 2)
-        vd = v_cache[d.tables].reshape(d.count, -1, kv_heads, head_dim).transpose(1, 2)
+        kd = _gather(k_cache, d.tables).reshape(d.count, -1, kv_heads, head_dim).transpose(1, 2)
+        vd = _gather(v_cache, d.tables).reshape(d.count, -1, kv_heads, head_dim).transpose(1, 2)
         width = d.tables.shape[1] * block_size
         mask = _derived(
             meta,
@@ -149,6 +149,14 @@ def _sdpa(
         o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
         out[d.rows] = o[:, :, 0]
     return out
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """The blocks of one layer's K or V, [*blocks.shape, block_size, kv_heads, head_dim], as a new tensor.
+
+    `index_select` copies each block as one contiguous run; advanced indexing (`cache[blocks]`) is
+    4-5x slower on a CPU for the same bytes."""
+    return cache.index_select(0, blocks.reshape(-1)).view(*blocks.shape, *cache.shape[1:])
 
 
 def _chunk_mask(ctx: int, q_len: int, device: torch.device) -> torch.Tensor:

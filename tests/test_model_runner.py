@@ -137,9 +137,10 @@ def test_paged_step_logits_equal_a_full_sequence_forward(sdpa_runner: ModelRunne
 def test_dummy_weights_are_seeded_so_two_executors_agree(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
     other = make_runner(tiny_dir)
     try:
-        for (name, a), b in zip(sdpa_runner.model.state_dict().items(), other.model.state_dict().values(), strict=True):
+        mine = sdpa_runner.model.state_dict()
+        for (name, a), b in zip(mine.items(), other.model.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
-        assert sdpa_runner.model.model.layers[0].mlp.up_proj.weight.std() > 0.01  # random, not zeros
+        assert mine["model.layers.0.mlp.up_proj.weight"].std() > 0.01  # random, not zeros
     finally:
         other.close()
 
@@ -211,3 +212,23 @@ def test_cuda_graphs_are_refused_without_triton_or_without_cuda(tiny_dir: str) -
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA device"):
             make_runner(tiny_dir, attention="triton", cuda_graphs=True, device="cpu")
+
+
+def test_cpu_linear_layers_are_packed_and_agree_with_dense_ones(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
+    from executor_svc.cpu_linear import PackedLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("this torch has no oneDNN")
+    model = sdpa_runner.model
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert sdpa_runner.packed_linears == len(packed) == 2 * 7 + 1  # q k v o gate up down per layer, the LM head
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    # The tied LM head still shares the input embedding; the other dense weights are freed.
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.model.layers[0].mlp.up_proj.weight.is_meta
+    dense = make_runner(tiny_dir, cpu_linear="dense")
+    try:
+        assert dense.packed_linears == 0
+        assert_same(run_scenario(sdpa_runner), run_scenario(dense), atol=1e-4)
+    finally:
+        dense.close()
