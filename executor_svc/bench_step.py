@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
+        cpu_linear=args.cpu_linear,
         block_size=bs,
         device_blocks=blocks,
     )
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"))
     parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--cpu-linear", default="onednn", choices=("onednn", "dense"), help="as the executor's flag")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--context", type=int, default=1024)
