@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import grpc
@@ -43,6 +44,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             pool_handle=r.pool.handle,
             max_model_len=r.max_model_len,
             vocab_size=r.vocab_size,
+            pid=os.getpid(),
         )
 
     async def Execute(

@@ -36,7 +36,7 @@ async def serve(config: SchedulerConfig) -> None:
 def main(argv: list[str] | None = None) -> None:
     config = run_parser("fastswitch scheduler", __doc__, SchedulerConfig, argv)
     configure_logging("scheduler")
-    get_logger(__name__).info("starting", port=config.port, executor=config.executor_addr, policy=config.policy)
+    get_logger(__name__).info("starting", port=config.port, nodes=[str(n) for n in config.nodes], policy=config.policy)
     asyncio.run(serve(config))
 
 

@@ -1,10 +1,10 @@
 """The request front: what the client API calls (submit, stream, cancel, set_priority, end_conversation,
-stats), in front of the scheduler and the executor link that drives it.
+stats), in front of the fleet of executor nodes and the links that drive them.
 
-`submit()` validates a request, builds its prompt (a conversation's history from the scheduler's
-conversation cache, plus the new turn) and queues it; the executor link's step loop hands back each
-step's tokens, which are detokenised here and streamed to the client. A request's last chunk
-carries its finish reason and the seconds it spent in each phase.
+`submit()` validates a request, builds its prompt (a conversation's history from the fleet's
+conversation cache, plus the new turn) and queues it on the node the fleet places it on; each node's
+step loop hands back its step's tokens, which are detokenised here and streamed to the client. A
+request's last chunk carries its finish reason and the seconds it spent in each phase.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import structlog
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.executor_link import ExecutorLink
-from scheduler_svc.scheduler import Scheduler, TokenEvent
+from scheduler_svc.fleet import Fleet, Node
+from scheduler_svc.scheduler import TokenEvent
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
 from svc_common.plan import Sampling
@@ -74,37 +75,47 @@ class Engine:
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
-        self.scheduler: Scheduler | None = None
+        self.fleet = Fleet(config)
         self.live: dict[str, _Live] = {}
-        self.link = ExecutorLink(config, on_tokens=self._on_tokens, on_gone=self._fail_all)
+        self.links = [ExecutorLink(config, self.fleet, n, self._on_tokens, self._fail_node) for n in self.fleet.nodes]
         self._started = time.monotonic()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(self, tokenizer: Any = None) -> None:
-        """Connect to the executor (waiting for it to be ready), then run the step loop."""
+        """Start every node's link, and wait until all nodes are up (or, after `executor_timeout_s`,
+        at least one: the others join when they answer)."""
         if tokenizer is not None:
             self.tokenizer = tokenizer
-        info = await self.link.connect()
-        eos = {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
-        self.scheduler = Scheduler(self.config, info.num_blocks, info.block_size, eos)
-        log.info(
-            "executor_attached",
-            executor=self.config.executor_addr,
-            blocks=info.num_blocks,
-            block_size=info.block_size,
-            policy=self.config.policy,
-        )
-        self.link.run(self.scheduler)
+        if self.tokenizer.eos_token_id is not None:
+            self.fleet.eos_token_ids.add(int(self.tokenizer.eos_token_id))
+        for link in self.links:
+            link.start()
+        deadline = time.monotonic() + self.config.executor_timeout_s
+        while len(self.fleet.up_nodes()) < len(self.links):
+            if time.monotonic() > deadline:
+                if self.fleet.up_nodes():
+                    break
+                raise Unavailable(
+                    f"no executor node ready after {self.config.executor_timeout_s:.0f}s: "
+                    + ", ".join(str(n.address) for n in self.fleet.nodes)
+                )
+            await asyncio.sleep(0.05)
+        log.info("fleet_ready", nodes=len(self.fleet.up_nodes()), of=len(self.links), policy=self.config.policy)
 
     async def stop(self) -> None:
-        await self.link.stop()
+        for link in self.links:
+            await link.stop()
         for live in list(self.live.values()):
             self._end(live, Finish.CANCELLED)
 
+    @property
+    def ready(self) -> bool:
+        return bool(self.fleet.up_nodes())
+
     # -- tokens from the step loop ----------------------------------------------------------------
 
-    def _on_tokens(self, events: list[TokenEvent], produced_ns: int) -> None:
+    def _on_tokens(self, node: Node, events: list[TokenEvent], produced_ns: int) -> None:
         for event in events:
             live = self.live.get(event.seq.request_id)
             if live is None:
@@ -117,16 +128,15 @@ class Engine:
     def _emit(self, live: _Live, token_id: int, produced_ns: int) -> None:
         text = live.detok.add(token_id)
         if live.detok.stopped and not live.seq.finished:
-            assert self.scheduler is not None
-            self.scheduler.finish(live.seq, Finish.STOP)
+            self.fleet.finish(live.seq, Finish.STOP)
         live.queue.put_nowait(Chunk([token_id], text, produced_ns))
 
     def _end(self, live: _Live, finish: Finish) -> None:
         seq = live.seq
         self.live.pop(seq.request_id, None)
         tail = live.detok.flush() if finish is not Finish.CANCELLED else ""
-        if seq.conversation is not None and finish in COMPLETED and self.scheduler is not None:
-            self.scheduler.conversations.record_answer(seq.conversation, live.detok.text[: live.detok.sent] + tail)
+        if seq.conversation is not None and finish in COMPLETED:
+            self.fleet.conversations.record_answer(seq.conversation, live.detok.text[: live.detok.sent] + tail)
         phases = seq.phases.seconds()
         live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish, phases))
         log.info(
@@ -141,20 +151,23 @@ class Engine:
             **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
         )
 
-    def _fail_all(self, message: str) -> None:
-        for live in list(self.live.values()):
-            if self.scheduler is not None:
-                self.scheduler.abort(live.seq.request_id, Finish.ERROR)
-            self.live.pop(live.seq.request_id, None)
-            live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+    def _fail_node(self, node: Node, message: str) -> None:
+        """Fail the requests still on a lost node (no other node could take them)."""
+        if node.scheduler is None:
+            return
+        for request_id in list(node.scheduler.requests):
+            node.scheduler.abort(request_id, Finish.ERROR)
+            live = self.live.pop(request_id, None)
+            if live is not None:
+                live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
 
     # -- client-facing operations -----------------------------------------------------------------
 
     def submit(self, req: GenerateInput) -> Sequence:
         """Validate and enqueue; raises a ServingError (mapped to a status) and changes no state."""
-        sched, info = self.scheduler, self.link.info
-        if sched is None or info is None or not self.link.running:
-            raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+        nodes = self.fleet.up_nodes()
+        if not nodes:
+            raise Unavailable("no executor node is up (starting, or every node lost); retry shortly")
         if not req.prompt:
             raise InvalidArgument("prompt is empty: send at least one character of text")
         if req.max_tokens <= 0:
@@ -170,7 +183,7 @@ class Engine:
         if request_id in self.live:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
         conversation = (tenant, req.conversation_id) if req.conversation_id else None
-        messages = sched.conversations.messages(conversation) if conversation else []
+        messages = self.fleet.conversations.messages(conversation) if conversation else []
         if req.system_prompt and not messages:
             messages.append({"role": "system", "content": req.system_prompt})
         messages.append({"role": "user", "content": req.prompt})
@@ -178,12 +191,13 @@ class Engine:
         if not prompt_ids:
             raise InvalidArgument("prompt tokenises to nothing")
         total = len(prompt_ids) + req.max_tokens
-        if total > info.max_model_len:
+        max_model_len = max(link.info.max_model_len for link in self.links if link.info is not None)
+        if total > max_model_len:
             raise InvalidArgument(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} exceeds the "
-                f"model's context of {info.max_model_len} tokens: shorten the prompt or lower max_tokens"
+                f"model's context of {max_model_len} tokens: shorten the prompt or lower max_tokens"
             )
-        capacity = info.num_blocks * info.block_size
+        capacity = max(n.scheduler.blocks.num_blocks * n.scheduler.blocks.block_size for n in nodes if n.scheduler)
         if total > capacity:
             raise ResourceExhaustedError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} tokens can never "
@@ -200,9 +214,8 @@ class Engine:
             priority=req.priority,
             conversation=conversation,
         )
-        sched.add(seq, messages if conversation else None)  # the last check: room for a new conversation
+        self.fleet.add(seq, messages if conversation else None)  # the last check: room for a new conversation
         self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop))
-        self.link.wake()
         return seq
 
     def _tokenize(self, messages: list[dict[str, str]], chat: bool) -> list[int]:
@@ -236,47 +249,47 @@ class Engine:
 
     def cancel(self, request_id: str, missing_ok: bool = False) -> None:
         live = self.live.get(request_id)
-        if live is None or self.scheduler is None or self.scheduler.abort(request_id) is None:
+        if live is None or self.fleet.abort(request_id) is None:
             if missing_ok:
                 return
             raise NotFoundError(f"no live request with id {request_id!r} (finished, cancelled or never sent)")
         self._end(live, Finish.CANCELLED)
-        self.link.wake()
 
     def set_priority(self, request_id: str, priority: int) -> None:
         live = self.live.get(request_id)
         if live is None:
             raise NotFoundError(f"no live request with id {request_id!r}")
         live.seq.priority = priority
-        self.link.wake()
+        self.fleet.wake(request_id)
 
     def end_conversation(self, tenant: str, conversation_id: str) -> None:
         tenant = tenant or "default"
-        if self.scheduler is None or not self.scheduler.conversations.end((tenant, conversation_id)):
+        if not self.fleet.conversations.end((tenant, conversation_id)):
             raise NotFoundError(f"tenant {tenant!r} has no conversation {conversation_id!r}")
-        self.link.wake()
+        self.fleet.wake()
 
     def stats(self) -> dict[str, float]:
         counters: dict[str, float] = {"swap_out_bytes_saved": 0, "device_blocks_free": 0, "host_blocks_free": 0}
-        sched, info = self.scheduler, self.link.info
-        if sched is not None:
-            counters.update(sched.stats.counters())
-            counters.update(sched.gauges())
-            block_bytes = info.block_bytes if info is not None else 0
-            counters["kv_block_bytes"] = block_bytes
-            # Blocks whose host copy was still valid at a swap-out: bytes that did not move.
-            counters["swap_out_bytes_saved"] = sched.stats.counter("swap_out_blocks_saved") * block_bytes
-            counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants().values()))
+        stats = self.fleet.stats
+        counters.update(stats.counters())
+        counters.update(self.fleet.gauges())
+        block_bytes = next((link.info.block_bytes for link in self.links if link.info is not None), 0)
+        counters["kv_block_bytes"] = block_bytes
+        # Blocks whose host copy was still valid at a swap-out: bytes that did not move.
+        counters["swap_out_bytes_saved"] = stats.counter("swap_out_blocks_saved") * block_bytes
+        counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in stats.tenants().values()))
         counters["live_requests"] = len(self.live)
         counters["uptime_s"] = time.monotonic() - self._started
         return counters
 
     def tenant_stats(self) -> dict[str, tuple[float, int, int]]:
         """tenant -> (weighted service, prompt tokens, generated tokens)."""
-        if self.scheduler is None:
-            return {}
         prices = (self.config.vtc_prompt_price, self.config.vtc_gen_price)
         return {
             name: (t.weighted(*prices), t.prompt_tokens, t.generated_tokens)
-            for name, t in self.scheduler.stats.tenants().items()
+            for name, t in self.fleet.stats.tenants().items()
         }
+
+    def executors(self) -> list[dict[str, object]]:
+        """One entry per node (`stats`' `executors`)."""
+        return [node.view() for node in self.fleet.nodes]

@@ -46,6 +46,9 @@ class TokenEvent:
     token_id: int
 
 
+_QUEUED = (RequestState.WAITING, RequestState.SWAPPED)
+
+
 class Room(enum.Enum):
     """Whether a request can have the device blocks it needs."""
 
@@ -96,6 +99,7 @@ class Scheduler:
         self.in_flight: StepPlan | None = None
         self.generated_tokens = 0  # tokens this node's steps produced
         self.lowest_running: Sequence | None = None  # the lowest-ranked running request at the last ranking
+        self.passed_over: list[Sequence] = []  # queued requests the last step did not admit, best-ranked first
         self._releases: list[str] = []  # requests the executor must forget with the next plan
         self._step_ids = itertools.count()
 
@@ -167,6 +171,8 @@ class Scheduler:
                 continue  # a copy is in flight for it
             if not self._admit(seq, ranked, i, step):
                 break
+        # What this step passed over, best-ranked first: the fleet may place it on another node.
+        self.passed_over = [s for s in ranked if s.state in _QUEUED] if self.waiting else []
         return self._plan(step)
 
     def _admit(self, seq: Sequence, ranked: list[Sequence], i: int, step: _Step) -> bool:

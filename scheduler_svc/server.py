@@ -86,4 +86,5 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
             name: api_pb2.TenantStats(service=service, prompt_tokens=prompt, generated_tokens=generated)
             for name, (service, prompt, generated) in self.engine.tenant_stats().items()
         }
-        return api_pb2.GetStatsResponse(counters=self.engine.stats(), tenants=tenants)
+        executors = [api_pb2.ExecutorStats(**view) for view in self.engine.executors()]  # type: ignore[arg-type]
+        return api_pb2.GetStatsResponse(counters=self.engine.stats(), tenants=tenants, executors=executors)

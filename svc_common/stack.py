@@ -1,7 +1,10 @@
-"""Starts the three services as local processes and waits until they are healthy.
+"""Starts the services as local processes and waits until they are healthy.
 
 `fastswitch up`, the end-to-end tests and the benchmark all start the stack through `Stack`, so they
 exercise the same code path.
+
+Ports, from the scheduler's port P: node i (i = 0 .. executors-1) has its executor on P + 1 + 2i and
+its swap daemon on P + 2 + 2i. One node is the familiar P+1 / P+2.
 """
 
 from __future__ import annotations
@@ -89,19 +92,27 @@ class StackConfig:
     def validate(self) -> None:
         self.scheduler.validate()
         self.executor.validate()
-        if self.executors != 1:
-            raise ValueError("this version drives exactly one executor (--executors 1)")
+        if not 1 <= self.executors <= 64:
+            raise ValueError(f"executors must be in 1..64, got {self.executors}")
+        if self.port + 2 * self.executors >= 65536:
+            raise ValueError(f"port {self.port} leaves no room for {self.executors} nodes (2 ports each above it)")
+
+    def node_ports(self, index: int) -> tuple[int, int]:
+        """Node `index`'s executor and swap daemon ports (the scheme in the module docstring)."""
+        return self.port + 1 + 2 * index, self.port + 2 + 2 * index
 
 
-def free_port_base() -> int:
-    """A port p such that p, p+1 and p+2 (scheduler, executor, swap daemon) are free right now."""
+def free_port_base(executors: int = 1) -> int:
+    """A port p such that p .. p + 2 * executors (scheduler, then each node's executor and swap daemon)
+    are free right now."""
+    span = 2 * executors
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + 2 < 65536 and all(_port_free(port + i) for i in (1, 2)):
+        if port + span < 65536 and all(_port_free(port + i) for i in range(1, span + 1)):
             return port
-    raise RuntimeError("found no three consecutive free ports")
+    raise RuntimeError(f"found no {span + 1} consecutive free ports")
 
 
 def _port_free(port: int) -> bool:
@@ -140,30 +151,47 @@ def wait_healthy(
 
 
 class Stack:
-    """The scheduler, one executor and one swap daemon as child processes."""
+    """The scheduler and each node's executor and swap daemon as child processes."""
 
     def __init__(self, config: StackConfig, log_dir: str | None = None) -> None:
         config.validate()
         self.config = config
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.named: dict[str, subprocess.Popen[bytes]] = {}  # by `commands()` name
         self._logs: list[object] = []
 
     @property
     def addr(self) -> str:
         return f"{self.config.host}:{self.config.port}"
 
+    @staticmethod
+    def node_names(index: int) -> tuple[str, str]:
+        """The names of node `index`'s executor and swap daemon in `commands()` (and their log files)."""
+        return ("executor", "swapd") if index == 0 else (f"executor-{index}", f"swapd-{index}")
+
     def commands(self) -> dict[str, list[str]]:
-        """Each service's command line, derived from its config."""
+        """Each service's command line, derived from its config: every node's executor and swap daemon,
+        then the scheduler that drives them."""
         c = self.config
         py = sys.executable
-        executor = dataclasses.replace(c.executor, port=c.port + 1)
-        scheduler = dataclasses.replace(c.scheduler, executor_addr=f"{c.host}:{executor.port}", swapd_addr="")
-        cmds = {"executor": [py, "-m", "executor_svc", *to_argv(executor)]}
-        if c.swapd is not None:
-            swapd = dataclasses.replace(c.swapd, port=c.port + 2)
-            scheduler.swapd_addr = f"{c.host}:{swapd.port}"
-            cmds["swapd"] = [py, "-m", "swap_daemon", *to_argv(swapd)]
+        cmds: dict[str, list[str]] = {}
+        nodes = []
+        for i in range(c.executors):
+            executor_port, swapd_port = c.node_ports(i)
+            executor_name, swapd_name = self.node_names(i)
+            cmds[executor_name] = [
+                py,
+                "-m",
+                "executor_svc",
+                *to_argv(dataclasses.replace(c.executor, port=executor_port)),
+            ]
+            node = f"{c.host}:{executor_port}"
+            if c.swapd is not None:
+                cmds[swapd_name] = [py, "-m", "swap_daemon", *to_argv(dataclasses.replace(c.swapd, port=swapd_port))]
+                node += f",{c.host}:{swapd_port}"
+            nodes.append(node)
+        scheduler = dataclasses.replace(c.scheduler, executor_addr=nodes, swapd_addr="")
         cmds["scheduler"] = [py, "-m", "scheduler_svc", *to_argv(scheduler)]
         return cmds
 
@@ -176,7 +204,9 @@ class Stack:
                     os.makedirs(self.log_dir, exist_ok=True)
                     out = open(os.path.join(self.log_dir, f"{name}.log"), "wb")  # noqa: SIM115
                     self._logs.append(out)
-                self.procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=out))  # type: ignore[arg-type]
+                proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=out)  # type: ignore[arg-type]
+                self.procs.append(proc)
+                self.named[name] = proc
             wait_healthy(self.addr, timeout_s, self.procs, self.log_dir)
         except BaseException:
             self.stop()
@@ -195,6 +225,7 @@ class Stack:
                 p.kill()
                 p.wait()
         self.procs = []
+        self.named = {}
         for f in self._logs:
             f.close()  # type: ignore[attr-defined]
         self._logs = []
