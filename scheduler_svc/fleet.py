@@ -186,9 +186,15 @@ class Fleet:
         """Free capacity: a free batch place first, then device blocks beyond what its queue needs."""
         sched = node.scheduler
         assert sched is not None
-        queued = sum(sched.blocks.blocks_for(len(s.tokens)) - len(s.block_table) for s in sched.waiting)
         places = self.config.max_running - len(sched.running) - len(sched.waiting)
-        return places > 0, sched.blocks.num_free - queued, -node.index
+        return places > 0, sched.blocks.num_free - self._queued_blocks(node), -node.index
+
+    @staticmethod
+    def _queued_blocks(node: Node) -> int:
+        """Device blocks the node's queued requests still need to run."""
+        sched = node.scheduler
+        assert sched is not None
+        return sum(max(0, sched.blocks.blocks_for(len(s.tokens)) - len(s.block_table)) for s in sched.waiting)
 
     def add(self, seq: Sequence, messages: list[Message] | None = None) -> Node:
         """Queue a new request on the node `place` picks; raises Unavailable-like errors via the caller
@@ -267,8 +273,10 @@ class Fleet:
         for node in others:
             sched = node.scheduler
             assert sched is not None
-            needed = sched.blocks.blocks_for(len(seq.tokens) + 1)
-            if not sched.waiting and len(sched.running) < self.config.max_running and sched.blocks.num_free >= needed:
+            if len(sched.running) + len(sched.waiting) >= self.config.max_running:
+                continue  # no free batch place (the queue is short here: this sum is cheap)
+            needed = sched.blocks.blocks_for(len(seq.tokens) + 1) + self._queued_blocks(node)
+            if sched.blocks.num_free >= needed:
                 idle.append(node)
         if idle:
             return max(idle, key=lambda n: n.scheduler.blocks.num_free if n.scheduler else 0)
