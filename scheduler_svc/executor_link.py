@@ -101,6 +101,7 @@ class ExecutorLink:
         self._attach(await self._describe())
         while True:
             call = self._stub.Execute()
+            call.add_done_callback(lambda _: self.wake())  # an idle node notices its executor dying
             try:
                 await self.drive(call)
             except grpc.aio.AioRpcError as err:
@@ -166,6 +167,8 @@ class ExecutorLink:
             # Cleared before scheduling, never after an await: a copy landing while the orders are
             # being sent must wake the next iteration, not be forgotten (that was a hang).
             self._wake.clear()
+            if call.done():
+                raise _unavailable("the executor's stream ended")
             plan = sched.schedule()
             if sched.passed_over:
                 fleet.balance()

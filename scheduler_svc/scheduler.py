@@ -361,6 +361,7 @@ class Scheduler:
         recompute from tokens, and conversations keep only what the host holds."""
         self.in_flight = None
         for seq in list(self.running):
+            self.stats.count("recomputed_tokens", seq.num_computed)
             self._preempt(seq, count=False)
         for seq in self.waiting:
             if seq.state is RequestState.WAITING and seq.block_table:  # swapped back in, or reusing kept KV

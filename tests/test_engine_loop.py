@@ -31,6 +31,9 @@ class _Executor:
         await asyncio.sleep(0)
         return self.result
 
+    def done(self) -> bool:
+        return False
+
 
 class _InstantDaemon:
     """The Swap stream: a copy lands (contents moved, SwapDone applied) before write() returns."""
