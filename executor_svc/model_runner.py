@@ -161,6 +161,7 @@ class ModelRunner:
                 logits.float(),
                 [self.requests[c.request_id].sampling for c in sampled],
                 [c.start_position + len(c.token_ids) for c in sampled],
+                [c.token_bitmask for c in sampled],
             )
             if sampled
             else []

@@ -1,4 +1,4 @@
-"""Token sampling: greedy, temperature, top-k, top-p, seeded.
+"""Token sampling: greedy, temperature, top-k, top-p, seeded; grammar masks applied first.
 
 A seeded request draws from a generator seeded by (seed, position), so its output does not depend on
 batching or on being preempted and recomputed. The generator lives on the logits' device (a CUDA
@@ -9,14 +9,31 @@ from __future__ import annotations
 
 import torch
 
+from executor_svc.token_mask import apply_token_bitmask, check_bitmask, token_allowed
 from svc_common.plan import Sampling
 
 _MASK = 0x7FFF_FFFF_FFFF_FFFF
 
 
-def sample(logits: torch.Tensor, params: list[Sampling], positions: list[int]) -> list[int]:
-    """One token per row of `logits` [N, V]; `positions` is the index the sampled token will take."""
+def sample(
+    logits: torch.Tensor, params: list[Sampling], positions: list[int], bitmasks: list[bytes] | None = None
+) -> list[int]:
+    """One token per row of `logits` [N, V]; `positions` is the index the sampled token will take.
+
+    `bitmasks` (structured output): per row, the packed tokens its grammar allows (empty: all). A
+    greedy row whose best token is allowed needs no mask (the common case in free-text stretches);
+    the others are masked before they are picked from.
+    """
     out = torch.argmax(logits, dim=-1).tolist()
+    for row, mask in enumerate(bitmasks or ()):
+        if not mask:
+            continue
+        check_bitmask(mask, logits.shape[-1])
+        if params[row].greedy and token_allowed(mask, out[row]):
+            continue
+        apply_token_bitmask(logits[row], mask)
+        if params[row].greedy:
+            out[row] = int(torch.argmax(logits[row]).item())
     for row, (p, pos) in enumerate(zip(params, positions, strict=True)):
         if p.greedy:
             continue

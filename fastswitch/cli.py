@@ -4,20 +4,48 @@ fastswitch up [--port 50051] [--model PATH] ...      # start all services, print
 fastswitch generate "The capital of France is"      # stream a completion to stdout
 fastswitch chat                                      # interactive multi-turn chat
 fastswitch stats                                     # scheduler statistics as one JSON object
-fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
+fastswitch scheduler|executor|swapd|http [...]       # one service (what docker-compose runs)
 fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on one workload
+
+generate, chat and stats need only the client (the base install); the other commands import server code
+lazily and, where its extra is not installed, say which one to install.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pathlib
 import signal
 import sys
 import time
 import uuid
 
+from fastswitch import __version__
+from fastswitch._extras import install_hint, missing
 from fastswitch.client import DEFAULT_ADDR, Client, FastSwitchError
+
+# The commands that run server code: the extra each needs, and the module each runs (imported only for it).
+SERVER_COMMANDS = {
+    "up": ("server", "svc_common.stack"),
+    "scheduler": ("server", "scheduler_svc.__main__"),
+    "executor": ("server", "executor_svc.__main__"),
+    "swapd": ("server", "swap_daemon.__main__"),
+    "http": ("http", "openai_svc.__main__"),
+    "bench": ("bench", "fastswitch_bench.runner"),
+}
+SERVICES = ("scheduler", "executor", "swapd", "http")
+# This distribution's own top-level packages: one missing is a broken install, not a missing extra.
+OWN_PACKAGES = {
+    "fastswitch",
+    "fastswitch_bench",
+    "svc_common",
+    "scheduler_svc",
+    "executor_svc",
+    "swap_daemon",
+    "openai_svc",
+}
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -52,7 +80,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    print(f"fastswitch ready at {addr}", flush=True)
+    http = f" (OpenAI API at {stack.http_url}/v1, metrics at {stack.http_url}/metrics)" if stack.http_url else ""
+    print(f"fastswitch ready at {addr}{http}", flush=True)
     try:
         while not stop["requested"]:
             time.sleep(0.2)
@@ -82,10 +111,35 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, object]:
     )
 
 
+def _structured_output(args: argparse.Namespace) -> dict[str, object]:
+    """generate's --json-schema FILE | --regex R | --choice a,b,c | --grammar FILE as SDK keywords."""
+    if args.json_schema:
+        text = _read(args.json_schema, "--json-schema")
+        try:
+            json.loads(text)
+        except ValueError as err:
+            raise SystemExit(f"fastswitch generate: --json-schema {args.json_schema} is not JSON: {err}") from None
+        return {"json_schema": text}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": args.choice.split(",")}
+    if args.grammar:
+        return {"grammar": _read(args.grammar, "--grammar")}
+    return {}
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else pathlib.Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SystemExit(f"fastswitch generate: cannot read {flag} {path}: {err.strerror}") from None
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     with Client(args.addr, timeout=args.timeout) as client:
-        for chunk in client.generate(prompt, **_generate_kwargs(args)):
+        for chunk in client.generate(prompt, **_generate_kwargs(args), **_structured_output(args)):
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
     sys.stdout.write("\n")
@@ -146,10 +200,13 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(server: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI. With `server=False` the `up` command's settings are left out: reading them imports the
+    services' configs, which a client-only install does not need (and `up` is not being run)."""
     parser = argparse.ArgumentParser(
         prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser(
@@ -158,9 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the scheduler, executor and swap daemon as local processes (executor on --port+1, "
         "swap daemon on --port+2); print a line with 'ready' once all are healthy; SIGINT/SIGTERM stops them.",
     )
-    from svc_common.stack import StackConfig
+    if server:
+        from svc_common.stack import StackConfig
 
-    StackConfig.add_arguments(up)
+        StackConfig.add_arguments(up)
     up.add_argument("--log-dir", default=None, help="write each service's log here")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cmd_up)
@@ -168,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion to stdout")
     _add_sampling(gen)
     gen.add_argument("--chat", action="store_true", help="apply the chat template")
+    structured = gen.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this schema")
+    structured.add_argument("--regex", metavar="R", help="the whole output matches this regular expression")
+    structured.add_argument("--choice", metavar="A,B,C", help="the output is exactly one of these strings")
+    structured.add_argument("--grammar", metavar="FILE", help="the output matches this EBNF grammar (rule `root`)")
     gen.add_argument("prompt", help="prompt text ('-' reads stdin)")
     gen.set_defaults(func=_cmd_generate)
 
@@ -183,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("scheduler", "scheduler_svc"),
         ("executor", "executor_svc"),
         ("swapd", "swap_daemon"),
+        ("http", "openai_svc"),
     ):
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)
@@ -219,17 +283,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_extra(command: str, extra: str, names: str) -> int:
+    hint = install_hint(extra)
+    print(f"fastswitch {command} needs the {extra} extra ({names} not installed): {hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("scheduler", "executor", "swapd"):
-        import importlib
-
-        module = {"scheduler": "scheduler_svc", "executor": "executor_svc", "swapd": "swap_daemon"}[argv[0]]
-        importlib.import_module(f"{module}.__main__").main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else ""
+    extra = SERVER_COMMANDS[command][0] if command in SERVER_COMMANDS else ""
     try:
+        if extra:
+            if absent := missing(extra):
+                return _missing_extra(command, extra, ", ".join(absent))
+            module = importlib.import_module(SERVER_COMMANDS[command][1])
+            if command in SERVICES:
+                module.main(argv[1:])
+                return 0
+        args = build_parser(server=command == "up").parse_args(argv)
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        # The installed metadata cannot tell from a source tree; the failed import can.
+        top = (err.name or "").partition(".")[0]
+        if extra and top and top not in OWN_PACKAGES:
+            return _missing_extra(command, extra, top)
+        raise
     except FastSwitchError as err:
         print(f"fastswitch: {err}", file=sys.stderr)
         return 2

@@ -5,13 +5,17 @@
         for chunk in client.generate("The capital of France is", max_tokens=16):
             print(chunk.text, end="", flush=True)
 
+Structured output: `json_schema=` (a dict or JSON text), `json_object=True`, `regex=`, `choice=` (a list
+of strings) or `grammar=` (EBNF) constrains the completion, token by token, on the server.
+
 Errors are typed (`InvalidRequest`, `NotFound`, `ResourceExhausted`, `ServiceUnavailable`, ...), each
 carrying the server's message. Every call carries a deadline; one channel per client is reused.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,6 +122,20 @@ def _phases(msg: api_pb2.GenerateResponse) -> dict[str, float]:
 
 
 @dataclass(slots=True)
+class ModelInfo:
+    """The served model and its limits."""
+
+    model: str
+    max_model_len: int
+    kv_capacity_tokens: int
+    policy: str
+
+    @classmethod
+    def from_proto(cls, msg: api_pb2.DescribeModelResponse) -> ModelInfo:
+        return cls(msg.model, msg.max_model_len, msg.kv_capacity_tokens, msg.policy)
+
+
+@dataclass(slots=True)
 class Completion:
     request_id: str
     text: str
@@ -153,11 +171,18 @@ def build_request(
     conversation_id: str = "",
     system_prompt: str = "",
     request_id: str = "",
+    json_schema: dict[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> api_pb2.GenerateRequest:
+    """The Generate request; `messages` (a whole chat, OpenAI style) replaces prompt and system_prompt."""
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
         sampling.seed = seed
-    return api_pb2.GenerateRequest(
+    request = api_pb2.GenerateRequest(
         request_id=request_id,
         prompt=prompt,
         chat=chat,
@@ -169,7 +194,50 @@ def build_request(
         priority=priority,
         conversation_id=conversation_id,
         system_prompt=system_prompt,
+        messages=[api_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages or ()],
     )
+    _set_structured_output(request, json_schema, json_object, regex, choice, grammar)
+    return request
+
+
+def _set_structured_output(
+    request: api_pb2.GenerateRequest,
+    json_schema: dict[str, Any] | str | None,
+    json_object: bool,
+    regex: str | None,
+    choice: Sequence[str] | None,
+    grammar: str | None,
+) -> None:
+    """At most one constraint (the `structured_output` oneof of GenerateRequest)."""
+    given = {
+        name: value
+        for name, value in (
+            ("json_schema", json_schema),
+            ("json_object", json_object or None),
+            ("regex", regex),
+            ("choice", choice),
+            ("grammar", grammar),
+        )
+        if value is not None
+    }
+    if len(given) > 1:
+        raise InvalidRequest(
+            f"pass at most one of json_schema, json_object, regex, choice, grammar; got {sorted(given)}"
+        )
+    if json_schema is not None:
+        request.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        request.json_object = True
+    elif regex is not None:
+        request.regex = regex
+    elif choice is not None:
+        if isinstance(choice, str):
+            raise InvalidRequest("choice is a list of strings, not one string")
+        request.choice.options.extend(choice)
+        if not request.choice.options:  # an empty list still selects `choice`: the server says what is wrong
+            request.choice.SetInParent()
+    elif grammar is not None:
+        request.grammar = grammar
 
 
 def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:
@@ -292,6 +360,13 @@ class Client:
         """Counters and gauges, per-tenant service under "tenants", one dict per node under "executors"."""
         return _stats_dict(self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
 
+    def describe_model(self) -> ModelInfo:
+        return ModelInfo.from_proto(self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
+
+    def metrics(self) -> str:
+        """The scheduler's Prometheus metrics (text exposition format)."""
+        return self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest()).text
+
     def _unary(self, method: Any, request: Any) -> Any:
         try:
             return method(request, timeout=UNARY_TIMEOUT_S)
@@ -347,6 +422,25 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, Any]:
         return _stats_dict(await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
+
+    async def describe_model(self) -> ModelInfo:
+        return ModelInfo.from_proto(await self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
+
+    async def metrics(self) -> str:
+        """The scheduler's Prometheus metrics (text exposition format)."""
+        return (await self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest())).text
+
+    async def serving(self) -> bool:
+        """Whether the scheduler's health service says SERVING (False when it is unreachable)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=UNARY_TIMEOUT_S
+            )
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     async def _unary(self, method: Any, request: Any) -> Any:
         try:

@@ -62,6 +62,9 @@ class ModelOptions:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+NO_OPTIONS = ModelOptions()  # no knob given: every default applies
+
+
 @dataclass(slots=True)
 class ModeRun:
     """What running one mode produced: its requests, its wall time, the server's counter deltas."""
@@ -73,7 +76,7 @@ class ModeRun:
     notes: str
 
 
-def stack_config(mode: str, preset: Preset, workload: Workload, options: ModelOptions = ModelOptions()) -> Any:
+def stack_config(mode: str, preset: Preset, workload: Workload, options: ModelOptions = NO_OPTIONS) -> Any:
     """The StackConfig of a stack mode: the preset's pool and batch, the workload's priority churn, the
     mode's switch and the user's model knobs. Raises ValueError for a knob this stack does not have."""
     from svc_common.stack import StackConfig, free_port_base
@@ -104,7 +107,7 @@ def run_stack_mode(
     addr: str | None,
     progress: bool,
     stall_timeout_s: float = 60.0,
-    options: ModelOptions = ModelOptions(),
+    options: ModelOptions = NO_OPTIONS,
 ) -> ModeRun:
     """Start the mode's stack (or use the one at addr), replay the workload against it, stop it."""
     if addr:
@@ -133,7 +136,7 @@ def run_peer_mode(
     preset: Preset,
     workload: Workload,
     progress: bool,
-    options: ModelOptions = ModelOptions(),
+    options: ModelOptions = NO_OPTIONS,
 ) -> ModeRun:
     """Replay the workload as waves on `transformers`' continuous batching, the model loaded as the stack loads it."""
     from tqdm.auto import tqdm

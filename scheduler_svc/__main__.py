@@ -27,10 +27,23 @@ async def serve(config: SchedulerConfig) -> None:
     engine = Engine(config)
     api_pb2_grpc.add_FastSwitchServicer_to_server(FastSwitchServicer(engine), host.server)
 
-    async def ready() -> None:
-        await engine.start(await asyncio.to_thread(load_tokenizer, config.model))
+    metrics_server = None
 
-    await host.run(ready=ready, on_stop=engine.stop)
+    async def ready() -> None:
+        nonlocal metrics_server
+        await engine.start(await asyncio.to_thread(load_tokenizer, config.model))
+        if config.metrics_port:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(config.metrics_port, registry=engine.metrics.registry)
+            get_logger(__name__).info("metrics_serving", port=config.metrics_port, path="/metrics")
+
+    async def stop() -> None:
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.shutdown)
+        await engine.stop()
+
+    await host.run(ready=ready, on_stop=stop)
 
 
 def main(argv: list[str] | None = None) -> None:

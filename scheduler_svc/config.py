@@ -108,6 +108,14 @@ class SchedulerConfig:
     )  # fmt: skip
     vtc_prompt_price: float = setting(1.0, env="FASTSWITCH_VTC_PROMPT_PRICE", help="VTC service per prompt token")
     vtc_gen_price: float = setting(2.0, env="FASTSWITCH_VTC_GEN_PRICE", help="VTC service per generated token")
+    metrics_port: int = setting(
+        0, env="FASTSWITCH_METRICS_PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off; the HTTP front's /metrics has them too)",
+    )  # fmt: skip
+    metrics_tenants: int = setting(
+        16, env="FASTSWITCH_METRICS_TENANTS",
+        help="tenants with a metrics label of their own (the first ones served); later ones count as 'other'",
+    )  # fmt: skip
     tenant_weights: dict[str, float] = setting(
         default_factory=dict, flag="--tenant-weight", env="FASTSWITCH_TENANT_WEIGHTS", item=_tenant_weight,
         metavar="TENANT=WEIGHT", help="VTC weight of a tenant (default 1)",
@@ -160,6 +168,10 @@ class SchedulerConfig:
         check_prices(self.vtc_prompt_price, self.vtc_gen_price, self.tenant_weights)
         if self.conversation_host_blocks < 0:
             raise ValueError(f"conversation host blocks must be >= 0, got {self.conversation_host_blocks}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics port out of range: {self.metrics_port}")
+        if self.metrics_tenants < 0:
+            raise ValueError(f"metrics tenants must be >= 0, got {self.metrics_tenants}")
         if not self.executor_addr:
             raise ValueError("at least one executor node is required (--executor HOST:PORT[,SWAPD_HOST:PORT])")
         nodes = self.nodes  # raises ValueError for a malformed address

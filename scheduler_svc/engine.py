@@ -10,6 +10,7 @@ request's last chunk carries its finish reason and the seconds it spent in each 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,14 +19,17 @@ from typing import Any
 
 import structlog
 
+from fastswitch.v1 import executor_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.fleet import Fleet, Node
+from scheduler_svc.grammar import Grammars, OutputConstraint
+from scheduler_svc.metrics import Metrics
 from scheduler_svc.scheduler import TokenEvent
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
-from svc_common.plan import Sampling
+from svc_common.plan import Sampling, StepPlan
 
 log = structlog.get_logger(__name__)
 
@@ -56,6 +60,8 @@ class GenerateInput:
     conversation_id: str = ""
     system_prompt: str = ""
     request_id: str = ""
+    constraint: OutputConstraint | None = None  # structured output
+    messages: list[dict[str, str]] = field(default_factory=list)  # a whole chat instead of prompt/system_prompt
 
 
 class _Live:
@@ -77,8 +83,14 @@ class Engine:
         self.tokenizer = tokenizer
         self.fleet = Fleet(config)
         self.live: dict[str, _Live] = {}
-        self.links = [ExecutorLink(config, self.fleet, n, self._on_tokens, self._fail_node) for n in self.fleet.nodes]
+        self.links = [
+            ExecutorLink(config, self.fleet, n, self._on_tokens, self._fail_node, on_plan=self._on_plan)
+            for n in self.fleet.nodes
+        ]
         self._started = time.monotonic()
+        self._grammars: Grammars | None = None  # built on the first constrained request
+        self._grammars_lock = threading.Lock()
+        self.metrics = Metrics(self, config.metrics_tenants)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -87,8 +99,8 @@ class Engine:
         at least one: the others join when they answer)."""
         if tokenizer is not None:
             self.tokenizer = tokenizer
-        if self.tokenizer.eos_token_id is not None:
-            self.fleet.eos_token_ids.add(int(self.tokenizer.eos_token_id))
+        self.fleet.eos_token_ids.update(self._eos_ids())
+        self.metrics.bind_loop(asyncio.get_running_loop())
         for link in self.links:
             link.start()
         deadline = time.monotonic() + self.config.executor_timeout_s
@@ -102,6 +114,9 @@ class Engine:
                 )
             await asyncio.sleep(0.05)
         log.info("fleet_ready", nodes=len(self.fleet.up_nodes()), of=len(self.links), policy=self.config.policy)
+
+    def _eos_ids(self) -> set[int]:
+        return {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
 
     async def stop(self) -> None:
         for link in self.links:
@@ -122,10 +137,16 @@ class Engine:
                 continue
             self._emit(live, event.token_id, produced_ns)
             # A step finishes only requests it produced a token for (length, EOS, stop string).
-            if live.seq.finished:
+            if live.seq.finish is Finish.ERROR and live.seq.grammar is not None:
+                self._fail(live, live.seq.grammar.error or "the output left the request's grammar")
+            elif live.seq.finished:
                 self._end(live, live.seq.finish or Finish.CANCELLED)
 
+    def _on_plan(self, plan: StepPlan) -> None:
+        self.metrics.on_scheduled([r.request_id for r in plan.new_requests], self.live)
+
     def _emit(self, live: _Live, token_id: int, produced_ns: int) -> None:
+        self.metrics.on_token(live.seq.request_id, live.seq.tenant, live.started)
         text = live.detok.add(token_id)
         if live.detok.stopped and not live.seq.finished:
             self.fleet.finish(live.seq, Finish.STOP)
@@ -139,6 +160,7 @@ class Engine:
             self.fleet.conversations.record_answer(seq.conversation, live.detok.text[: live.detok.sent] + tail)
         phases = seq.phases.seconds()
         live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish, phases))
+        self.metrics.on_finish(seq.request_id, seq.tenant, finish.value, live.started)
         log.info(
             "request_finished",
             request_id=seq.request_id,
@@ -157,9 +179,38 @@ class Engine:
             return
         for request_id in list(node.scheduler.requests):
             node.scheduler.abort(request_id, Finish.ERROR)
-            live = self.live.pop(request_id, None)
+            live = self.live.get(request_id)
             if live is not None:
-                live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+                self._fail(live, message)
+
+    def _fail(self, live: _Live, message: str) -> None:
+        """End one request with an error the client sees (the others carry on)."""
+        self.live.pop(live.seq.request_id, None)
+        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+        self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
+
+    # -- structured output ------------------------------------------------------------------------
+
+    @property
+    def info(self) -> executor_pb2.ExecutorInfo | None:
+        """An attached node's executor info (every node serves the same model), or None before any attach."""
+        return next((link.info for link in self.links if link.info is not None), None)
+
+    def grammars(self) -> Grammars:
+        """The grammar compiler for the executors' vocabulary (built once, on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                info = self.info
+                if info is None:
+                    raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+                self._grammars = Grammars(self.tokenizer, info.vocab_size, self._eos_ids())
+            return self._grammars
+
+    async def compile_constraint(self, constraint: OutputConstraint | None) -> None:
+        """Compile (and cache) a request's constraint in a worker thread, so that a large schema does
+        not stall the step loop; InvalidArgument with the grammar engine's message if it does not compile."""
+        if constraint is not None:
+            await asyncio.to_thread(lambda: self.grammars().compile(constraint))
 
     # -- client-facing operations -----------------------------------------------------------------
 
@@ -168,7 +219,7 @@ class Engine:
         nodes = self.fleet.up_nodes()
         if not nodes:
             raise Unavailable("no executor node is up (starting, or every node lost); retry shortly")
-        if not req.prompt:
+        if not req.prompt and not req.messages:
             raise InvalidArgument("prompt is empty: send at least one character of text")
         if req.max_tokens <= 0:
             raise InvalidArgument(f"max_tokens must be > 0, got {req.max_tokens}")
@@ -184,10 +235,13 @@ class Engine:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
         conversation = (tenant, req.conversation_id) if req.conversation_id else None
         messages = self.fleet.conversations.messages(conversation) if conversation else []
-        if req.system_prompt and not messages:
-            messages.append({"role": "system", "content": req.system_prompt})
-        messages.append({"role": "user", "content": req.prompt})
-        prompt_ids = self._tokenize(messages, req.chat)
+        if req.messages:
+            messages += chat_messages(req)
+        else:
+            if req.system_prompt and not messages:
+                messages.append({"role": "system", "content": req.system_prompt})
+            messages.append({"role": "user", "content": req.prompt})
+        prompt_ids = self._tokenize(messages, req.chat or bool(req.messages))
         if not prompt_ids:
             raise InvalidArgument("prompt tokenises to nothing")
         total = len(prompt_ids) + req.max_tokens
@@ -197,12 +251,13 @@ class Engine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} exceeds the "
                 f"model's context of {max_model_len} tokens: shorten the prompt or lower max_tokens"
             )
-        capacity = max(n.scheduler.blocks.num_blocks * n.scheduler.blocks.block_size for n in nodes if n.scheduler)
+        capacity = self.fleet.kv_capacity_tokens()
         if total > capacity:
             raise ResourceExhaustedError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) = {total} tokens can never "
                 f"fit the KV pool ({capacity} tokens): lower max_tokens or start with more --device-blocks"
             )
+        grammar = self.grammars().start(req.constraint) if req.constraint is not None else None
         seq = Sequence(
             request_id=request_id,
             prompt_ids=prompt_ids,
@@ -213,6 +268,7 @@ class Engine:
             tenant=tenant,
             priority=req.priority,
             conversation=conversation,
+            grammar=grammar,
         )
         self.fleet.add(seq, messages if conversation else None)  # the last check: room for a new conversation
         self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop))
@@ -220,7 +276,10 @@ class Engine:
 
     def _tokenize(self, messages: list[dict[str, str]], chat: bool) -> list[int]:
         if chat:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            except Exception as err:  # noqa: BLE001 - a template's own check (e.g. roles must alternate)
+                raise InvalidArgument(f"the model's chat template rejects these messages: {err}") from err
             if hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)
@@ -279,6 +338,9 @@ class Engine:
         counters["swap_out_bytes_saved"] = stats.counter("swap_out_blocks_saved") * block_bytes
         counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in stats.tenants().values()))
         counters["live_requests"] = len(self.live)
+        if self._grammars is not None:  # structured output: masks filled on the step loop, and their cost
+            counters["grammar_fills"] = self._grammars.fills
+            counters["grammar_fill_s"] = self._grammars.fill_s
         counters["uptime_s"] = time.monotonic() - self._started
         return counters
 
@@ -293,3 +355,16 @@ class Engine:
     def executors(self) -> list[dict[str, object]]:
         """One entry per node (`stats`' `executors`)."""
         return [node.view() for node in self.fleet.nodes]
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(req: GenerateInput) -> list[dict[str, str]]:
+    """A request's own chat messages, checked; they replace prompt and system_prompt."""
+    if req.prompt or req.system_prompt:
+        raise InvalidArgument("send either messages or prompt (and system_prompt), not both")
+    for i, m in enumerate(req.messages):
+        if m.get("role") not in CHAT_ROLES:
+            raise InvalidArgument(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {m.get('role')!r}")
+    return [{"role": m["role"], "content": m.get("content", "")} for m in req.messages]

@@ -31,7 +31,7 @@ from scheduler_svc.fleet import Fleet, Node
 from scheduler_svc.scheduler import Scheduler, TokenEvent
 from scheduler_svc.swap_manager import SwapOrder
 from scheduler_svc.swapd_link import DESCRIBE_DEADLINE_S, SwapDaemonLink
-from svc_common.plan import StepOutput
+from svc_common.plan import StepOutput, StepPlan
 from svc_common.server import CHANNEL_OPTIONS
 
 log = structlog.get_logger(__name__)
@@ -57,6 +57,7 @@ class ExecutorLink:
         node: Node,
         on_tokens: Callable[[Node, list[TokenEvent], int], None],
         on_gone: Callable[[Node, str], None],
+        on_plan: Callable[[StepPlan], None] | None = None,
     ) -> None:
         self.config = config
         self.fleet = fleet
@@ -65,6 +66,7 @@ class ExecutorLink:
         self.swapd: SwapDaemonLink | None = None
         self._on_tokens = on_tokens
         self._on_gone = on_gone
+        self._on_plan = on_plan or (lambda plan: None)
         self._wake = asyncio.Event()
         node.wake = self.wake
         self._channel = grpc.aio.insecure_channel(node.address.executor, options=CHANNEL_OPTIONS)
@@ -183,6 +185,7 @@ class ExecutorLink:
                 if stalled:
                     sched.stats.count("swap_stall_s", time.perf_counter() - start)
                 continue
+            self._on_plan(plan)
             await call.write(plan.to_proto())
             result = await call.read()
             if result is grpc.aio.EOF:
@@ -190,6 +193,7 @@ class ExecutorLink:
             produced_ns = time.time_ns()
             output = StepOutput.from_proto(result)
             sched.stats.count("forward_s", output.forward_ns / 1e9)
+            sched.stats.count("sample_s", output.sample_ns / 1e9)
             self.node.steps += 1
             self._on_tokens(self.node, sched.on_step_output(output), produced_ns)
 

@@ -149,6 +149,11 @@ class Fleet:
     def up_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.up]
 
+    def kv_capacity_tokens(self) -> int:
+        """The most tokens one request can hold: the largest device pool among the nodes up."""
+        pools = [n.scheduler.blocks for n in self.up_nodes() if n.scheduler is not None]
+        return max((p.num_blocks * p.block_size for p in pools), default=0)
+
     def node_of(self, seq: Sequence) -> Node | None:
         """The node holding a live request."""
         for node in self.nodes:

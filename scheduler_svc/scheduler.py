@@ -246,12 +246,14 @@ class Scheduler:
             seq.executor_known = True
             seq.unsent_blocks = len(seq.block_table)
         start = seq.num_computed
+        sample = start + n == len(seq.tokens)
         return ScheduledChunk(
             request_id=seq.request_id,
             token_ids=seq.tokens[start : start + n],
             start_position=start,
             new_block_ids=self.blocks.take_unsent(seq),
-            sample=start + n == len(seq.tokens),
+            sample=sample,
+            token_bitmask=seq.grammar.mask if seq.grammar is not None and sample else b"",
         )
 
     def _plan(self, step: _Step) -> StepPlan | None:
@@ -289,10 +291,14 @@ class Scheduler:
                 self.stats.count("generated_tokens")
                 self.generated_tokens += 1
                 events.append(TokenEvent(seq, token))
-                if len(seq.tokens) - seq.num_prompt >= seq.max_tokens:
+                is_eos = token in self.eos_token_ids
+                # Structured output: the grammar follows generated tokens only (an ignored EOS is not one).
+                if seq.grammar is not None and not (is_eos and seq.ignore_eos) and not seq.grammar.accept(token):
+                    self._finish(seq, Finish.ERROR)
+                elif len(seq.tokens) - seq.num_prompt >= seq.max_tokens:
                     self._finish(seq, Finish.LENGTH)
-                elif not seq.ignore_eos and token in self.eos_token_ids:
-                    self._finish(seq, Finish.EOS)
+                elif (is_eos and not seq.ignore_eos) or (seq.grammar is not None and seq.grammar.done):
+                    self._finish(seq, Finish.EOS)  # a finished grammar allows only EOS: end without sampling it
             if not seq.finished:
                 seq.update_phase()
         return events
@@ -385,9 +391,11 @@ class Scheduler:
             self._releases.append(seq.request_id)
             seq.executor_known = False
         if count and self.swaps.swap_out(seq):
+            self.stats.count("preemptions_swap")
             log.debug("preempted_swap", request_id=seq.request_id, computed=seq.num_computed)
             return
         if count:
+            self.stats.count("preemptions_recompute")
             self.stats.count("recomputed_tokens", seq.num_computed)
         log.debug("preempted_recompute", request_id=seq.request_id, computed=seq.num_computed)
         self._release(seq)

@@ -12,10 +12,13 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from svc_common.plan import Sampling
 
 clock = time.monotonic  # the phase clock's time source (tests replace it)
+if TYPE_CHECKING:
+    from scheduler_svc.grammar import GrammarState
 
 
 def now() -> float:
@@ -135,6 +138,7 @@ class Sequence:
     blocked: bool = False  # its turn came in a step's walk, but no device blocks were free (cleared once they are)
     moved_at: float = float("-inf")  # when the fleet last moved it to another node
     phases: PhaseClock = field(init=False)
+    grammar: GrammarState | None = None  # structured output: follows the generated tokens, not the KV
 
     def __post_init__(self) -> None:
         if not self.tokens:

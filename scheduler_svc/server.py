@@ -9,7 +9,10 @@ import structlog
 
 from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
 from scheduler_svc.engine import Engine, GenerateInput
-from scheduler_svc.sequence import Finish
+from scheduler_svc.grammar import OutputConstraint
+from scheduler_svc.sequence import Finish, Sequence
+from svc_common.errors import Unavailable
+from svc_common.model_source import model_name
 from svc_common.plan import Sampling
 
 log = structlog.get_logger(__name__)
@@ -27,10 +30,10 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    async def Generate(
-        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[api_pb2.GenerateResponse]:
-        seq = self.engine.submit(
+    async def _submit(self, request: api_pb2.GenerateRequest) -> Sequence:
+        constraint = OutputConstraint.from_proto(request)
+        await self.engine.compile_constraint(constraint)  # off the event loop; INVALID_ARGUMENT if it fails
+        return self.engine.submit(
             GenerateInput(
                 prompt=request.prompt,
                 max_tokens=request.max_tokens,
@@ -43,8 +46,19 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
                 request_id=request.request_id,
+                constraint=constraint,
+                messages=[{"role": m.role, "content": m.content} for m in request.messages],
             )
         )
+
+    async def Generate(
+        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.GenerateResponse]:
+        try:
+            seq = await self._submit(request)
+        except Exception:
+            self.engine.metrics.on_rejected(request.tenant)  # counted by outcome; the interceptor maps it
+            raise
         structlog.contextvars.bind_contextvars(request_id=seq.request_id, tenant=seq.tenant)
         first = True
         async for chunk in self.engine.stream(seq):
@@ -88,3 +102,21 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
         }
         executors = [api_pb2.ExecutorStats(**view) for view in self.engine.executors()]  # type: ignore[arg-type]
         return api_pb2.GetStatsResponse(counters=self.engine.stats(), tenants=tenants, executors=executors)
+
+    async def DescribeModel(
+        self, request: api_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DescribeModelResponse:
+        info = self.engine.info
+        if info is None:
+            raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+        return api_pb2.DescribeModelResponse(
+            model=model_name(self.engine.config.model),
+            max_model_len=info.max_model_len,
+            kv_capacity_tokens=self.engine.fleet.kv_capacity_tokens(),
+            policy=self.engine.config.policy,
+        )
+
+    async def GetMetrics(
+        self, request: api_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GetMetricsResponse:
+        return api_pb2.GetMetricsResponse(text=self.engine.metrics.exposition().decode())

@@ -63,6 +63,14 @@ def default_gguf() -> pathlib.Path:
     return path
 
 
+def model_name(model: str | os.PathLike[str] | None) -> str:
+    """The name a model is served under: its file or directory name (`SmolLM2-135M-Instruct` by default)."""
+    if not model:
+        return DEFAULT_GGUF.split(".")[0]
+    name = pathlib.Path(model).expanduser().name
+    return name.removesuffix(".gguf") or str(model)
+
+
 def resolve_model(model: str | os.PathLike[str] | None) -> pathlib.Path:
     """Return a local Hugging Face model directory for `model`, dequantising a GGUF file once."""
     if not model:

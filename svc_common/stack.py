@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +26,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from executor_svc.config import ExecutorConfig
+from openai_svc.config import HttpConfig
 from scheduler_svc.config import SchedulerConfig
 from svc_common.settings import add_arguments, field_names, setting, to_argv
 from swap_daemon.config import SwapDaemonConfig
@@ -40,8 +43,12 @@ class StackConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     swapd: SwapDaemonConfig | None = field(default_factory=SwapDaemonConfig)  # None: no swap daemon
+    http: HttpConfig = field(default_factory=HttpConfig)  # started when http_port is set
     host: str = setting("127.0.0.1", env="FASTSWITCH_HOST", help="address the services bind and reach each other on")
     executors: int = setting(1, env="FASTSWITCH_EXECUTORS", help="executor nodes (executor + swap daemon) to start")
+    http_port: int = setting(
+        0, env="FASTSWITCH_HTTP_PORT", help="also serve the OpenAI-compatible HTTP API and /metrics here (0: off)"
+    )
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -56,6 +63,7 @@ class StackConfig:
         preemption) starts no swap daemon."""
         own = field_names(cls) | {"extra_env"}
         parts: dict[type, dict[str, Any]] = {SchedulerConfig: {}, ExecutorConfig: {}, SwapDaemonConfig: {}}
+        parts[HttpConfig] = {}
         unknown = []
         for name, value in values.items():
             targets = [t for t in parts if name in field_names(t) and (name != "port" or t is SchedulerConfig)]
@@ -70,7 +78,11 @@ class StackConfig:
         if parts[SwapDaemonConfig].get("host_blocks", 1) > 0 and scheduler.preemption != "recompute":
             swapd = SwapDaemonConfig(**parts[SwapDaemonConfig])
         config = cls(
-            scheduler, ExecutorConfig(**parts[ExecutorConfig]), swapd, **{k: v for k, v in values.items() if k in own}
+            scheduler,
+            ExecutorConfig(**parts[ExecutorConfig]),
+            swapd,
+            HttpConfig(**parts[HttpConfig]),
+            **{k: v for k, v in values.items() if k in own},
         )
         config.validate()
         return config
@@ -81,21 +93,30 @@ class StackConfig:
         add_arguments(parser, SchedulerConfig, exclude={"executor_addr", "swapd_addr"})
         add_arguments(parser, ExecutorConfig, exclude={"port"})
         add_arguments(parser, SwapDaemonConfig, exclude={"port"})
+        add_arguments(parser, HttpConfig, exclude={"port", "bind", "scheduler_addr"})
         add_arguments(parser, cls)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StackConfig:
         names = field_names(SchedulerConfig) | field_names(ExecutorConfig) | field_names(SwapDaemonConfig)
-        names |= field_names(cls)
+        names |= (field_names(HttpConfig) - {"port"}) | field_names(cls)
         return cls.build(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
     def validate(self) -> None:
         self.scheduler.validate()
         self.executor.validate()
+        self.http.validate()
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"HTTP port out of range: {self.http_port}")
         if not 1 <= self.executors <= 64:
             raise ValueError(f"executors must be in 1..64, got {self.executors}")
         if self.port + 2 * self.executors >= 65536:
             raise ValueError(f"port {self.port} leaves no room for {self.executors} nodes (2 ports each above it)")
+        if self.http_port and self.port <= self.http_port <= self.port + 2 * self.executors:
+            raise ValueError(
+                f"http_port {self.http_port} collides with the nodes' ports "
+                f"{self.port + 1}..{self.port + 2 * self.executors}: pick one outside that range"
+            )
 
     def node_ports(self, index: int) -> tuple[int, int]:
         """Node `index`'s executor and swap daemon ports (the scheme in the module docstring)."""
@@ -124,6 +145,31 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def wait_http_healthy(
+    url: str, timeout_s: float, procs: list[subprocess.Popen[bytes]] | None = None, log_dir: str | None = None
+) -> None:
+    """Block until GET url answers 200; raise if a process dies first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _check_alive(procs, log_dir)
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not healthy after {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def _check_alive(procs: list[subprocess.Popen[bytes]] | None, log_dir: str | None) -> None:
+    for p in procs or []:
+        if p.poll() is not None:
+            where = f"; its log is in {log_dir}" if log_dir else ""
+            raise RuntimeError(f"{' '.join(map(str, p.args))} exited with code {p.returncode}{where}")
+
+
 def wait_healthy(
     addr: str,
     timeout_s: float,
@@ -135,10 +181,7 @@ def wait_healthy(
     with grpc.insecure_channel(addr) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            for p in procs or []:
-                if p.poll() is not None:
-                    where = f"; its log is in {log_dir}" if log_dir else ""
-                    raise RuntimeError(f"{' '.join(map(str, p.args))} exited with code {p.returncode}{where}")
+            _check_alive(procs, log_dir)
             try:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -151,7 +194,8 @@ def wait_healthy(
 
 
 class Stack:
-    """The scheduler and each node's executor and swap daemon as child processes."""
+    """The scheduler and each node's executor and swap daemon as child processes (and the HTTP front, with
+    http_port)."""
 
     def __init__(self, config: StackConfig, log_dir: str | None = None) -> None:
         config.validate()
@@ -169,6 +213,11 @@ class Stack:
     def node_names(index: int) -> tuple[str, str]:
         """The names of node `index`'s executor and swap daemon in `commands()` (and their log files)."""
         return ("executor", "swapd") if index == 0 else (f"executor-{index}", f"swapd-{index}")
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP front's base URL (`.../v1` is the OpenAI API), or None when it is off."""
+        return f"http://{self.config.host}:{self.config.http_port}" if self.config.http_port else None
 
     def commands(self) -> dict[str, list[str]]:
         """Each service's command line, derived from its config: every node's executor and swap daemon,
@@ -193,6 +242,9 @@ class Stack:
             nodes.append(node)
         scheduler = dataclasses.replace(c.scheduler, executor_addr=nodes, swapd_addr="")
         cmds["scheduler"] = [py, "-m", "scheduler_svc", *to_argv(scheduler)]
+        if c.http_port:
+            http = dataclasses.replace(c.http, port=c.http_port, bind=c.host, scheduler_addr=f"{c.host}:{c.port}")
+            cmds["http"] = [py, "-m", "openai_svc", *to_argv(http)]
         return cmds
 
     def start(self, timeout_s: float = 300.0) -> str:
@@ -208,6 +260,8 @@ class Stack:
                 self.procs.append(proc)
                 self.named[name] = proc
             wait_healthy(self.addr, timeout_s, self.procs, self.log_dir)
+            if self.http_url:
+                wait_http_healthy(f"{self.http_url}/health", timeout_s, self.procs, self.log_dir)
         except BaseException:
             self.stop()
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,6 +50,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr("scheduler_svc.sequence.clock", fake)
     return fake
+
+
+def free_port() -> int:
+    """One free loopback port (the HTTP front's; free_port_base finds the gRPC services' three)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
