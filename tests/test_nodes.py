@@ -98,12 +98,16 @@ def test_a_node_killed_mid_run_costs_recomputation_never_a_request(three_nodes, 
     prompts = PROMPTS[:9]
     max_new = 24
 
+    with Client(three_nodes.addr) as client:
+        served = _nodes(client)[1]["generated_tokens"]
+
     async def run() -> list[object]:
         async with AsyncClient(three_nodes.addr) as client:
             tasks = [asyncio.create_task(client.complete(p, max_tokens=max_new, ignore_eos=True)) for p in prompts]
             with Client(three_nodes.addr) as sync:
+                # Earlier tests served on this stack: wait for node 1 to decode these requests.
                 deadline = time.monotonic() + 120
-                while _nodes(sync)[1]["running"] == 0 or _nodes(sync)[1]["generated_tokens"] == 0:
+                while (node := _nodes(sync)[1])["running"] == 0 or node["generated_tokens"] < served + 2:
                     assert time.monotonic() < deadline, "node 1 never ran anything"
                     await asyncio.sleep(0.05)
             for name in ("executor-1", "swapd-1"):
