@@ -57,6 +57,7 @@ class ModelOptions:
     dtype: str | None = None  # auto | bfloat16 | float16 | float32
     load_format: str | None = None  # auto | dummy (random weights from the directory's config.json)
     executors: int | None = None
+    threads: int | None = None  # torch threads per executor (CPU)
 
     def stack_settings(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -170,6 +171,6 @@ def run_peer_mode(
         )
         for t in result.turns
     ]
-    knobs = [f"{k}={v}" for k, v in options.stack_settings().items() if k != "executors"]
+    knobs = [f"{k}={v}" for k, v in options.stack_settings().items() if k not in ("executors", "threads")]
     notes = PEER_NOTES + (f" Loaded with {', '.join(knobs)}." if knobs else "")
     return ModeRun(records, result.wall_s, {}, False, notes)
