@@ -76,6 +76,7 @@ class Result:
     per_node_step_ms: float
     node_steps_per_s: float
     tokens_per_s: float
+    submit_us: float  # placing one new request (mean over filling the fleet)
 
 
 def _config(running: int) -> SchedulerConfig:
@@ -99,7 +100,9 @@ async def _drive(
         fleet.attach(node, blocks, BLOCK_SIZE)
         fleet.node_up(node)
         links.append(ExecutorLink(config, fleet, node, on_tokens=_drop, on_gone=_gone))
+    start = time.perf_counter()
     _fill(fleet, nodes, running, prompt_len, max_tokens=warmup + steps + 1000)
+    submit_s = time.perf_counter() - start
     # Warm-up: the prompts are computed and every node decodes a full batch; not timed.
     await _run(links, warmup)
     assert all(len(n.scheduler.running) == running for n in fleet.nodes if n.scheduler), "a node is not full"
@@ -126,6 +129,7 @@ async def _drive(
         per_node_step_ms=round(1000 * sched_s / node_steps, 4),
         node_steps_per_s=round(node_steps / sched_s, 1),
         tokens_per_s=round(node_steps * running / sched_s, 1),
+        submit_us=round(1e6 * submit_s / (nodes * running), 1),
     )
 
 

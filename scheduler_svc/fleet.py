@@ -192,7 +192,9 @@ class Fleet:
         sched = node.scheduler
         assert sched is not None
         places = self.config.max_running - len(sched.running) - len(sched.waiting)
-        return places > 0, sched.blocks.num_free - self._queued_blocks(node), -node.index
+        if places <= 0:  # a full node: the shortest queue (summing a long queue per placement was O(n^2))
+            return False, -len(sched.waiting), -node.index
+        return True, sched.blocks.num_free - self._queued_blocks(node), -node.index
 
     @staticmethod
     def _queued_blocks(node: Node) -> int:

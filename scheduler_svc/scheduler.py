@@ -275,6 +275,7 @@ class Scheduler:
         self.in_flight = None
         sampled = dict(output.tokens)
         events: list[TokenEvent] = []
+        at = now()  # one clock reading for the step's phase changes
         for chunk in plan.chunks:
             seq = self.requests.get(chunk.request_id)
             if seq is None or seq.state is not RequestState.RUNNING:
@@ -288,8 +289,6 @@ class Scheduler:
             if chunk.sample:
                 token = sampled[chunk.request_id]
                 seq.tokens.append(token)
-                self.stats.count("generated_tokens")
-                self.generated_tokens += 1
                 events.append(TokenEvent(seq, token))
                 is_eos = token in self.eos_token_ids
                 # Structured output: the grammar follows generated tokens only (an ignored EOS is not one).
@@ -300,7 +299,9 @@ class Scheduler:
                 elif (is_eos and not seq.ignore_eos) or (seq.grammar is not None and seq.grammar.done):
                     self._finish(seq, Finish.EOS)  # a finished grammar allows only EOS: end without sampling it
             if not seq.finished:
-                seq.update_phase()
+                seq.update_phase(at)
+        self.stats.count("generated_tokens", len(events))
+        self.generated_tokens += len(events)
         return events
 
     # -- swaps --------------------------------------------------------------------------------------
