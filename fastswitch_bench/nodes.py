@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import pathlib
+import tempfile
 import time
 from typing import Any
 
@@ -32,7 +33,8 @@ def run(preset: str, threads: int, out: pathlib.Path, seed: int | None = None) -
     runs: dict[str, Any] = {}
     for name, options in setups.items():
         start = time.perf_counter()
-        mode = run_stack_mode("fastswitch", bench.preset, bench.workload, out, None, False, options=options)
+        logs = pathlib.Path(tempfile.mkdtemp(prefix="fastswitch-nodes-"))  # the stack's logs, not the results
+        mode = run_stack_mode("fastswitch", bench.preset, bench.workload, logs, None, False, options=options)
         summary = summarise_mode(mode, bench.workload.num_requests)
         runs[name] = {k: summary.get(k) for k in KEYS} | {"elapsed_s": time.perf_counter() - start}
         print(name, json.dumps(runs[name]), flush=True)
