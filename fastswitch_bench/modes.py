@@ -57,10 +57,11 @@ class ModelOptions:
     dtype: str | None = None  # auto | bfloat16 | float16 | float32
     load_format: str | None = None  # auto | dummy (random weights from the directory's config.json)
     executors: int | None = None
-    threads: int | None = None  # torch threads per executor (CPU)
+    settings: tuple[tuple[str, Any], ...] = ()  # any other stack setting (`--set NAME=VALUE`), stacks only
 
     def stack_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        knobs = {k: v for k, v in asdict(self).items() if v is not None and k != "settings"}
+        return {**knobs, **dict(self.settings)}
 
 
 NO_OPTIONS = ModelOptions()  # no knob given: every default applies
@@ -171,6 +172,6 @@ def run_peer_mode(
         )
         for t in result.turns
     ]
-    knobs = [f"{k}={v}" for k, v in options.stack_settings().items() if k not in ("executors", "threads")]
+    knobs = [f"{k}={v}" for k in ("model", "dtype", "load_format") if (v := getattr(options, k)) is not None]
     notes = PEER_NOTES + (f" Loaded with {', '.join(knobs)}." if knobs else "")
     return ModeRun(records, result.wall_s, {}, False, notes)

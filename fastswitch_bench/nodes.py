@@ -25,9 +25,9 @@ KEYS = ("throughput_tok_s", "wall_s", "ttft_p50", "ttft_p99", "tbt_p50", "tbt_p9
 def run(preset: str, threads: int, out: pathlib.Path, seed: int | None = None) -> dict[str, Any]:
     bench = prepare(preset, ["fastswitch"], seed=seed)
     setups = {
-        f"1 node x {threads} thread(s)": ModelOptions(executors=1, threads=threads),
-        f"2 nodes x {threads} thread(s)": ModelOptions(executors=2, threads=threads),
-        f"1 node x {2 * threads} thread(s)": ModelOptions(executors=1, threads=2 * threads),
+        f"1 node x {threads} thread(s)": ModelOptions(executors=1, settings=(("threads", threads),)),
+        f"2 nodes x {threads} thread(s)": ModelOptions(executors=2, settings=(("threads", threads),)),
+        f"1 node x {2 * threads} thread(s)": ModelOptions(executors=1, settings=(("threads", 2 * threads),)),
     }
     results: dict[str, Any] = {"preset": preset, "machine": machine(), "requests": bench.workload.num_requests}
     runs: dict[str, Any] = {}
