@@ -27,7 +27,7 @@ from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.conversations import ConversationCache, KeptKV, Message
 from scheduler_svc.policy import Policy, PriorityUpdates, make_policy
-from scheduler_svc.sequence import Finish, RequestState, Sequence, now
+from scheduler_svc.sequence import Finish, Phase, RequestState, Sequence, now
 from scheduler_svc.stats import Stats
 from scheduler_svc.swap_manager import SwapManager, SwapOrder
 from svc_common.plan import NewRequest, ScheduledChunk, StepOutput, StepPlan
@@ -298,7 +298,7 @@ class Scheduler:
                     self._finish(seq, Finish.LENGTH)
                 elif (is_eos and not seq.ignore_eos) or (seq.grammar is not None and seq.grammar.done):
                     self._finish(seq, Finish.EOS)  # a finished grammar allows only EOS: end without sampling it
-            if not seq.finished:
+            if not seq.finished and seq.phases.current is not Phase.DECODE:  # decoding stays decoding while it runs
                 seq.update_phase(at)
         self.stats.count("generated_tokens", len(events))
         self.generated_tokens += len(events)
