@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from svc_common.settings import setting
+from svc_common.settings import (
+    bind_host_setting,
+    drain_timeout_setting,
+    setting,
+    tls_cert_setting,
+    tls_key_setting,
+    validate_tls,
+)
 
 
 @dataclass(slots=True)
@@ -16,6 +23,10 @@ class ExecutorConfig:
     device_blocks: int = setting(1024, env="FASTSWITCH_DEVICE_BLOCKS", help="blocks in the device KV pool")
     device: str = setting("auto", env="FASTSWITCH_DEVICE", help="auto | cpu | cuda | cuda:N")
     threads: int = setting(0, env="FASTSWITCH_THREADS", help="torch intra-op threads on CPU (0: all cores)")
+    host: str = bind_host_setting()
+    tls_cert: str = tls_cert_setting()
+    tls_key: str = tls_key_setting()
+    drain_timeout_s: float = drain_timeout_setting()
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -26,6 +37,9 @@ class ExecutorConfig:
             raise ValueError(f"port out of range: {self.port}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        validate_tls(self.tls_cert, self.tls_key)
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")
 
     @property
     def resolved_threads(self) -> int:

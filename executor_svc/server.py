@@ -21,6 +21,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self.runner: ModelRunner | None = None
         self._stream_lock = asyncio.Lock()
 
+    def attached(self) -> bool:
+        """Whether a scheduler is driving this executor now."""
+        return self._stream_lock.locked()
+
     def _ready_runner(self) -> ModelRunner:
         if self.runner is None:
             raise FailedPrecondition("executor is still loading the model; retry when health is SERVING")

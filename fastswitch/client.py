@@ -7,12 +7,23 @@
 
 Errors are typed (`InvalidRequest`, `NotFound`, `ResourceExhausted`, `ServiceUnavailable`, ...), each
 carrying the server's message. Every call carries a deadline; one channel per client is reused.
+
+Security: `Client(addr, api_key=KEY, tls_ca=PATH)` sends `authorization: Bearer KEY` (default: the
+`FASTSWITCH_API_KEY` environment variable) and verifies the server's certificate against the CA file
+(default: `FASTSWITCH_TLS_CA`; none: plain text). Calls wait for the connection (up to
+`connect_timeout`) and gRPC retries UNAVAILABLE with backoff before any token has arrived. A stream
+that ends without a finish reason raises `IncompleteStream`: a cut stream is never a completion.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -22,6 +33,37 @@ from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
 DEFAULT_ADDR = "localhost:50051"
 DEFAULT_TIMEOUT_S = 600.0
 UNARY_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+API_KEY_ENV = "FASTSWITCH_API_KEY"
+TLS_CA_ENV = "FASTSWITCH_TLS_CA"
+
+# gRPC's own retry policy: UNAVAILABLE (server restarting, draining, not attached yet) is retried with
+# exponential backoff, only before the server has answered anything (so no token is ever repeated).
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "fastswitch.v1.FastSwitch"}],
+                "waitForReady": True,
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "3s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
 
 
 class FastSwitchError(Exception):
@@ -41,7 +83,10 @@ class NotFound(FastSwitchError):
 
 
 class ResourceExhausted(FastSwitchError):
-    """The request can never fit the server's KV pool, or the server is out of capacity."""
+    """The request can never fit the server's KV pool, or the server is out of capacity;
+    `retry_after_s` is the server's hint when retrying later may succeed."""
+
+    retry_after_s: float | None = None
 
 
 class PermissionDenied(FastSwitchError):
@@ -56,6 +101,22 @@ class DeadlineExceeded(FastSwitchError):
     """The call did not finish within its deadline."""
 
 
+class Unauthenticated(FastSwitchError):
+    """No API key, or one the server does not know (`api_key=`, `--api-key`, FASTSWITCH_API_KEY)."""
+
+
+class ServerError(FastSwitchError):
+    """The server failed the request (INTERNAL): e.g. the model step failed twice the same way."""
+
+
+class IncompleteStream(FastSwitchError):
+    """The stream ended without a finish reason: the completion is cut short, not done."""
+
+
+class RequestCancelled(FastSwitchError):
+    """The server ended the request as cancelled (by a Cancel call, or the server stopping)."""
+
+
 _ERRORS: dict[grpc.StatusCode, type[FastSwitchError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
@@ -65,6 +126,10 @@ _ERRORS: dict[grpc.StatusCode, type[FastSwitchError]] = {
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
     grpc.StatusCode.FAILED_PRECONDITION: ServiceUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.INTERNAL: ServerError,
+    grpc.StatusCode.UNKNOWN: ServerError,
+    grpc.StatusCode.CANCELLED: RequestCancelled,
 }
 
 
@@ -72,7 +137,42 @@ def _typed(err: grpc.RpcError) -> FastSwitchError:
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _ERRORS.get(code, FastSwitchError) if code is not None else FastSwitchError
-    return cls(f"{details} [{code.name if code else 'UNKNOWN'}]", code)
+    typed = cls(f"{details} [{code.name if code else 'UNKNOWN'}]", code)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    retry_after = dict(trailers or ()).get("retry-after")
+    if isinstance(typed, ResourceExhausted) and retry_after:
+        typed.retry_after_s = float(retry_after)
+    return typed
+
+
+def _incomplete(request_id: str) -> IncompleteStream:
+    return IncompleteStream(
+        f"the stream of request {request_id or '(unnamed)'} ended without a finish reason: the output is "
+        "incomplete (the server or the connection went away); retry the request"
+    )
+
+
+def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    path = os.environ.get(TLS_CA_ENV, "") if tls_ca is None else tls_ca
+    if not path:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(path).read_bytes())
+    except OSError as err:
+        raise InvalidRequest(f"cannot read the TLS CA file {path}: {err.strerror or err}") from None
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+def _unreachable(addr: str, timeout: float) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"cannot reach a FastSwitch server at {addr} within {timeout:g}s: is it running (`fastswitch up`), "
+        "and do --tls-ca / the server's TLS setting agree? [UNAVAILABLE]",
+        grpc.StatusCode.UNAVAILABLE,
+    )
 
 
 _FINISH = {
@@ -227,11 +327,31 @@ class Conversation:
 class Client:
     """Blocking client; `generate()` yields TokenChunks as they arrive."""
 
-    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        api_key: str | None = None,
+        tls_ca: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(addr)
+        self.connect_timeout = connect_timeout
+        self._metadata = _metadata(api_key)
+        creds = _credentials(tls_ca)
+        if creds is None:
+            self._channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+
+    def _connect(self) -> None:
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise _unreachable(self.addr, self.connect_timeout) from None
 
     def __enter__(self) -> Client:
         return self
@@ -243,14 +363,29 @@ class Client:
         self._channel.close()
 
     def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Iterator[TokenChunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        """TokenChunks until the one with a finish reason; raises a typed error otherwise."""
+        deadline = timeout or self.timeout
+        start = time.monotonic()
+        self._connect()
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs),
+            timeout=max(0.001, deadline - (time.monotonic() - start)),
+            metadata=self._metadata,
+            wait_for_ready=True,
+        )
+        request_id = kwargs.get("request_id", "")
         try:
             for msg in call:
-                yield TokenChunk.from_proto(msg)
+                chunk = TokenChunk.from_proto(msg)
+                request_id = chunk.request_id
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         except grpc.RpcError as err:
             raise _typed(err) from None
         finally:
             call.cancel()  # no-op when finished; frees the request's blocks if the caller stops early
+        raise _incomplete(request_id)
 
     def complete(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Completion:
         completion = Completion(request_id="", text="")
@@ -291,8 +426,9 @@ class Client:
         return out
 
     def _unary(self, method: Any, request: Any) -> Any:
+        self._connect()
         try:
-            return method(request, timeout=UNARY_TIMEOUT_S)
+            return method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as err:
             raise _typed(err) from None
 
@@ -300,11 +436,33 @@ class Client:
 class AsyncClient:
     """asyncio client; `generate()` is an async iterator of TokenChunks."""
 
-    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        api_key: str | None = None,
+        tls_ca: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(addr)
+        self.connect_timeout = connect_timeout
+        self._metadata = _metadata(api_key)
+        creds = _credentials(tls_ca)
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+
+    async def _connect(self) -> None:
+        if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise _unreachable(self.addr, self.connect_timeout) from None
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -316,14 +474,29 @@ class AsyncClient:
         await self._channel.close()
 
     async def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        """TokenChunks until the one with a finish reason; raises a typed error otherwise."""
+        deadline = timeout or self.timeout
+        start = time.monotonic()
+        await self._connect()
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs),
+            timeout=max(0.001, deadline - (time.monotonic() - start)),
+            metadata=self._metadata,
+            wait_for_ready=True,
+        )
+        request_id = kwargs.get("request_id", "")
         try:
             async for msg in call:
-                yield TokenChunk.from_proto(msg)
+                chunk = TokenChunk.from_proto(msg)
+                request_id = chunk.request_id
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         except grpc.RpcError as err:
             raise _typed(err) from None
         finally:
             call.cancel()
+        raise _incomplete(request_id)
 
     async def complete(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Completion:
         completion = Completion(request_id="", text="")
@@ -347,7 +520,28 @@ class AsyncClient:
         return _stats_dict(await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
 
     async def _unary(self, method: Any, request: Any) -> Any:
+        await self._connect()
         try:
-            return await method(request, timeout=UNARY_TIMEOUT_S)
+            return await method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as err:
             raise _typed(err) from None
+
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Completion",
+    "Conversation",
+    "DeadlineExceeded",
+    "FastSwitchError",
+    "IncompleteStream",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "RequestCancelled",
+    "ResourceExhausted",
+    "ServerError",
+    "ServiceUnavailable",
+    "TokenChunk",
+    "Unauthenticated",
+]

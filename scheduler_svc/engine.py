@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.scheduler import Scheduler, SwapOrder
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import (
+    REFUSED,
     AlreadyExists,
     InvalidArgument,
     NotFoundError,
@@ -32,7 +33,7 @@ from svc_common.errors import (
     Unavailable,
 )
 from svc_common.plan import Sampling, StepOutput
-from svc_common.server import CHANNEL_OPTIONS
+from svc_common.server import link_channel
 
 log = structlog.get_logger(__name__)
 
@@ -78,9 +79,15 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: SchedulerConfig, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        tokenizer: Any = None,
+        on_attached: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
         config.validate()
         self.config = config
+        self._on_attached = on_attached  # health: SERVING only while an executor is attached
         self.tokenizer = tokenizer
         self.info: executor_pb2.ExecutorInfo | None = None
         self.scheduler: Scheduler | None = None
@@ -101,7 +108,7 @@ class Engine:
         """Connect to the executor (waiting for it to be ready), then run the step loop."""
         if tokenizer is not None:
             self.tokenizer = tokenizer
-        self._channel = grpc.aio.insecure_channel(self.config.executor_addr, options=CHANNEL_OPTIONS)
+        self._channel = link_channel(self.config.executor_addr, self.config.link_tls_ca)
         stub = executor_pb2_grpc.ExecutorStub(self._channel)
         self.info = await self._describe(stub, wait_s=self.config.executor_timeout_s)
         eos = self._eos_ids()
@@ -121,6 +128,7 @@ class Engine:
             policy=self.config.policy,
         )
         self._task = asyncio.create_task(self._run(stub), name="step-loop")
+        await self._attached(True)
         if self.config.swapd_addr and self.config.preemption != "recompute":
             self._swap_task = asyncio.create_task(self._swap_client(), name="swap-client")
 
@@ -137,6 +145,10 @@ class Engine:
             self._end(live, Finish.CANCELLED)
         if self._channel is not None:
             await self._channel.close()
+
+    async def _attached(self, attached: bool) -> None:
+        if self._on_attached is not None:
+            await self._on_attached(attached)
 
     async def _describe(self, stub: executor_pb2_grpc.ExecutorStub, wait_s: float) -> executor_pb2.ExecutorInfo:
         deadline = time.monotonic() + wait_s
@@ -162,7 +174,7 @@ class Engine:
         """Keep one Swap stream to the daemon; apply completions as they arrive."""
         sched, info = self.scheduler, self.info
         assert sched is not None and info is not None
-        channel = grpc.aio.insecure_channel(self.config.swapd_addr, options=CHANNEL_OPTIONS)
+        channel = link_channel(self.config.swapd_addr, self.config.link_tls_ca)
         stub = swap_pb2_grpc.SwapDaemonStub(channel)
         try:
             while True:
@@ -283,7 +295,9 @@ class Engine:
                 log.warning("executor_lost", code=err.code().name, details=err.details())
                 self.scheduler.reset_executor_state()
                 self.scheduler.stats.counters["executor_reconnects"] += 1
+                await self._attached(False)
                 await self._await_executor(stub, lost_since)
+                await self._attached(True)
                 await self._restart_swap_client()
 
     async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub, lost_since: float) -> None:
@@ -388,6 +402,12 @@ class Engine:
         if any(not s for s in req.stop):
             raise InvalidArgument("stop strings must be non-empty")
         tenant = req.tenant or "default"
+        if len(sched.waiting) >= self.config.max_waiting:
+            raise ResourceExhaustedError(
+                f"the queue is full ({len(sched.waiting)} requests waiting, --max-waiting "
+                f"{self.config.max_waiting}): retry in a second",
+                retry_after_s=1.0,
+            )
         request_id = req.request_id or uuid.uuid4().hex
         if request_id in self.live:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
@@ -481,6 +501,21 @@ class Engine:
         if self.conversations.pop(key, None) is None:
             raise NotFoundError(f"tenant {tenant or 'default'!r} has no conversation {conversation_id!r}")
 
+    def live_count(self, tenant: str) -> int:
+        """Live requests of one tenant (per-key admission)."""
+        return sum(1 for live in self.live.values() if live.seq.tenant == tenant)
+
+    def owner_of(self, request_id: str) -> str | None:
+        """The tenant of a live request; None when no such request is live."""
+        live = self.live.get(request_id)
+        return None if live is None else live.seq.tenant
+
+    def tenant_counters(self, tenant: str) -> dict[str, float]:
+        """The figures of one tenant alone: what a non-admin key may see."""
+        lives = [live.seq for live in self.live.values() if live.seq.tenant == tenant]
+        running = sum(1 for s in lives if s.status.value == "running")
+        return {"live_requests": len(lives), "running": running, "waiting": len(lives) - running}
+
     def stats(self) -> dict[str, float]:
         sched = self.scheduler
         counters: dict[str, float] = {
@@ -521,6 +556,8 @@ class Engine:
             counters["running"] = len(sched.running)
             counters["waiting"] = len(sched.waiting)
         counters["live_requests"] = len(self.live)
+        counters["conversations"] = len(self.conversations)
+        counters.update({f"refused_{code}": float(n) for code, n in REFUSED.items()})
         counters["uptime_s"] = time.monotonic() - self._started
         return counters
 
