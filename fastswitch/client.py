@@ -17,7 +17,6 @@ that ends without a finish reason raises `IncompleteStream`: a cut stream is nev
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import time
@@ -165,6 +164,20 @@ def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
     return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+# The standard health check, called raw (an empty HealthCheckRequest is b""): it needs no key and no
+# extra package, and with wait_for_ready it tells "not reachable within connect_timeout" apart from a
+# slow request.
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _probe_failed(err: grpc.RpcError) -> bool:
+    return err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)  # type: ignore[attr-defined]
 
 
 def _unreachable(addr: str, timeout: float) -> ServiceUnavailable:
@@ -346,12 +359,25 @@ class Client:
         else:
             self._channel = grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
+        self._connected = False
 
     def _connect(self) -> None:
+        """Wait (up to connect_timeout) until the server answers, once per connection."""
+        if self._connected:
+            return
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=self.connect_timeout)
-        except grpc.FutureTimeoutError:
-            raise _unreachable(self.addr, self.connect_timeout) from None
+            self._health(b"", timeout=self.connect_timeout, wait_for_ready=True)
+        except grpc.RpcError as err:
+            if _probe_failed(err):
+                raise _unreachable(self.addr, self.connect_timeout) from None
+        self._connected = True
+
+    def _error(self, err: grpc.RpcError) -> FastSwitchError:
+        typed = _typed(err)
+        if isinstance(typed, ServiceUnavailable):
+            self._connected = False
+        return typed
 
     def __enter__(self) -> Client:
         return self
@@ -382,7 +408,7 @@ class Client:
                 if chunk.finish_reason is not None:
                     return
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()  # no-op when finished; frees the request's blocks if the caller stops early
         raise _incomplete(request_id)
@@ -430,7 +456,7 @@ class Client:
         try:
             return method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
 
 
 class AsyncClient:
@@ -455,14 +481,25 @@ class AsyncClient:
         else:
             self._channel = grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
+        self._connected = False
 
     async def _connect(self) -> None:
-        if self._channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+        """Wait (up to connect_timeout) until the server answers, once per connection."""
+        if self._connected:
             return
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise _unreachable(self.addr, self.connect_timeout) from None
+            await self._health(b"", timeout=self.connect_timeout, wait_for_ready=True)
+        except grpc.RpcError as err:
+            if _probe_failed(err):
+                raise _unreachable(self.addr, self.connect_timeout) from None
+        self._connected = True
+
+    def _error(self, err: grpc.RpcError) -> FastSwitchError:
+        typed = _typed(err)
+        if isinstance(typed, ServiceUnavailable):
+            self._connected = False
+        return typed
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -493,7 +530,7 @@ class AsyncClient:
                 if chunk.finish_reason is not None:
                     return
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
         raise _incomplete(request_id)
@@ -524,7 +561,7 @@ class AsyncClient:
         try:
             return await method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
 
 
 __all__ = [
