@@ -64,6 +64,10 @@ class SchedulerConfig:
         600.0, flag="--conversation-ttl", env="FASTSWITCH_CONVERSATION_TTL_S",
         help="seconds an idle conversation's KV and history are kept",
     )  # fmt: skip
+    max_conversations: int = setting(
+        10000, env="FASTSWITCH_MAX_CONVERSATIONS",
+        help="conversations kept at once; a new one beyond it pushes out the least recently used idle one",
+    )  # fmt: skip
     conversation_host_blocks: int = setting(
         0, env="FASTSWITCH_CONVERSATION_HOST_BLOCKS",
         help="host blocks that idle conversations' KV may hold (0: the whole host pool)",
@@ -144,6 +148,8 @@ class SchedulerConfig:
             raise ValueError(f"priority update probability must be in [0, 1], got {self.priority_update_prob}")
         if self.priority_levels < 1:
             raise ValueError(f"priority levels must be >= 1, got {self.priority_levels}")
+        if self.max_conversations <= 0:
+            raise ValueError(f"max conversations must be > 0, got {self.max_conversations}")
         if self.conversation_host_blocks < 0:
             raise ValueError(f"conversation host blocks must be >= 0, got {self.conversation_host_blocks}")
         if not self.executor_addr:

@@ -2,9 +2,14 @@
 
 One step is in flight at a time: schedule -> send the plan -> await the result -> apply it ->
 stream the new text. Client calls (submit, cancel) only touch the Scheduler between steps, on the
-event loop, so no block can be reused while a step that writes it is running. If the executor stream
-breaks, every running request is requeued to recompute from its tokens and the engine reconnects;
-requests fail with UNAVAILABLE only if no executor comes back within `executor_timeout_s`.
+event loop, so no block can be reused while a step that writes it is running.
+
+Faults: a *lost* executor (stream closed, UNAVAILABLE, or a step longer than `step_timeout_s`) has
+every running request requeued to recompute from its tokens while the engine reconnects; requests
+fail with UNAVAILABLE only if no step succeeds within `executor_timeout_s`. A *failing* executor
+(the step answered INTERNAL) is retried once; a step that fails the same way twice fails the requests
+in it with INTERNAL, and the executor serves the rest. Reconnects back off, so neither is a storm.
+Conversation histories expire with `conversation_ttl_s` and are at most `max_conversations`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +36,7 @@ from svc_common.errors import (
     InvalidArgument,
     NotFoundError,
     ResourceExhaustedError,
+    ServingError,
     Unavailable,
 )
 from svc_common.plan import Sampling, StepOutput
@@ -38,6 +45,12 @@ from svc_common.server import link_channel
 log = structlog.get_logger(__name__)
 
 DESCRIBE_DEADLINE_S = 10.0
+RECONNECT_BACKOFF_S = (0.0, 0.1, 0.2, 0.5, 1.0, 2.0)  # after the 1st, 2nd, ... failure without a good step
+FAILED_STEP = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)  # the executor ran the step and it failed
+
+
+class StepFailed(ServingError):
+    """The model step failed the same way twice: the requests in it end with this error."""
 
 
 @dataclass(slots=True)
@@ -48,6 +61,7 @@ class Chunk:
     text: str
     produced_unix_ns: int
     finish: Finish | None = None
+    error: type[ServingError] = Unavailable  # raised to the client when finish is ERROR
 
 
 @dataclass(slots=True)
@@ -92,8 +106,14 @@ class Engine:
         self.info: executor_pb2.ExecutorInfo | None = None
         self.scheduler: Scheduler | None = None
         self.live: dict[str, _Live] = {}
-        # (tenant, conversation id) -> chat messages so far
-        self.conversations: dict[tuple[str, str], list[dict[str, str]]] = {}
+        # (tenant, conversation id) -> chat messages so far, least recently used first
+        self.conversations: OrderedDict[tuple[str, str], list[dict[str, str]]] = OrderedDict()
+        self._conversation_used: dict[tuple[str, str], float] = {}
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._step_ids: list[str] = []  # the requests in the step in flight
+        self._last_failure: tuple[str, frozenset[str]] | None = None
+        self._failures_in_a_row = 0
+        self._lost_since: float | None = None  # when steps stopped succeeding
         self._wake = asyncio.Event()
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
@@ -128,11 +148,14 @@ class Engine:
             policy=self.config.policy,
         )
         self._task = asyncio.create_task(self._run(stub), name="step-loop")
+        self._housekeeping = asyncio.create_task(self._sweep(), name="housekeeping")
         await self._attached(True)
         if self.config.swapd_addr and self.config.preemption != "recompute":
             self._swap_task = asyncio.create_task(self._swap_client(), name="swap-client")
 
     async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
         if self._swap_task is not None:
             self._swap_task.cancel()
         if self._task is not None:
@@ -283,24 +306,63 @@ class Engine:
 
     async def _run(self, stub: executor_pb2_grpc.ExecutorStub) -> None:
         assert self.scheduler is not None
-        lost_since: float | None = None
         while True:
             call = stub.Execute()
             try:
-                lost_since = None
                 await self._drive(call)
             except grpc.aio.AioRpcError as err:
                 call.cancel()
-                lost_since = lost_since or time.monotonic()
+                counters = self.scheduler.stats.counters
+                self._failures_in_a_row += 1
+                self._lost_since = self._lost_since or time.monotonic()
+                if err.code() in FAILED_STEP:
+                    counters["failed_steps"] += 1
+                    self._on_failed_step(err.details() or err.code().name)
+                    await asyncio.sleep(self._backoff())
+                    continue  # the executor is alive: its stream ended with the error, open a new one
                 log.warning("executor_lost", code=err.code().name, details=err.details())
                 self.scheduler.reset_executor_state()
-                self.scheduler.stats.counters["executor_reconnects"] += 1
+                counters["executor_reconnects"] += 1
                 await self._attached(False)
-                await self._await_executor(stub, lost_since)
+                await asyncio.sleep(self._backoff())
+                await self._await_executor(stub, self._lost_since)
                 await self._attached(True)
                 await self._restart_swap_client()
 
+    def _backoff(self) -> float:
+        return RECONNECT_BACKOFF_S[min(self._failures_in_a_row - 1, len(RECONNECT_BACKOFF_S) - 1)]
+
+    def _on_failed_step(self, details: str) -> None:
+        """The executor failed a step (it cleared its requests). Once: replay it, it may pass. The same
+        failure on the same requests twice in a row: those requests fail; the others carry on."""
+        sched = self.scheduler
+        assert sched is not None
+        in_step = frozenset(self._step_ids)
+        again = self._last_failure is not None and self._last_failure[0] == details and in_step & self._last_failure[1]
+        log.warning("step_failed", details=details, requests=len(in_step), again=bool(again))
+        sched.reset_executor_state()
+        if not again:
+            self._last_failure = (details, in_step)
+            return
+        self._last_failure = None
+        for request_id in sorted(in_step):
+            live = self.live.get(request_id)
+            if live is not None:
+                self._fail(
+                    live,
+                    f"the model step failed twice with the same error, so this request was stopped: {details}",
+                    StepFailed,
+                )
+
+    async def _sweep(self) -> None:
+        """Housekeeping while idle: expire conversations (history and kept KV) past their TTL."""
+        period = max(0.05, min(5.0, self.config.conversation_ttl_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.expire_conversations(time.monotonic())
+
     async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub, lost_since: float) -> None:
+        self._fail_if_lost_too_long(lost_since)
         while True:
             try:
                 info = await stub.Describe(executor_pb2.DescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
@@ -311,10 +373,17 @@ class Engine:
                 log.info("executor_reattached", pool=info.pool_handle)
                 return
             except grpc.aio.AioRpcError:
-                if time.monotonic() - lost_since > self.config.executor_timeout_s:
-                    for live in list(self.live.values()):
-                        self._fail(live, "executor unavailable; the request could not be completed")
+                self._fail_if_lost_too_long(lost_since)
                 await asyncio.sleep(0.5)
+
+    def _fail_if_lost_too_long(self, lost_since: float) -> None:
+        if time.monotonic() - lost_since > self.config.executor_timeout_s:
+            for live in list(self.live.values()):
+                self._fail(
+                    live,
+                    f"no executor has completed a step for {self.config.executor_timeout_s:g}s "
+                    "(--executor-timeout); the request could not be completed",
+                )
 
     async def _drive(self, call: Any) -> None:
         sched = self.scheduler
@@ -336,12 +405,23 @@ class Engine:
                 if stalled:
                     sched.stats.counters["swap_stall_s"] += time.perf_counter() - start
                 continue
+            self._step_ids = [c.request_id for c in plan.chunks]
             await call.write(plan.to_proto())
-            result = await call.read()
+            try:
+                result = await asyncio.wait_for(call.read(), self.config.step_timeout_s)
+            except asyncio.TimeoutError:  # a hung step: the executor counts as lost
+                sched.stats.counters["step_timeouts"] += 1
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    f"a step took longer than --step-timeout {self.config.step_timeout_s:g}s",
+                ) from None
             if result is grpc.aio.EOF:
                 raise grpc.aio.AioRpcError(
                     grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "executor closed"
                 )
+            self._lost_since, self._failures_in_a_row, self._last_failure = None, 0, None
             now_ns = time.time_ns()
             output = StepOutput.from_proto(result)
             sched.stats.counters["forward_s"] += output.forward_ns / 1e9
@@ -366,6 +446,7 @@ class Engine:
         if live.conversation is not None and finish in (Finish.LENGTH, Finish.EOS, Finish.STOP):
             history = self.conversations.setdefault(live.conversation, [])
             history.append({"role": "assistant", "content": live.detok.text[: live.detok.sent] + tail})
+            self._touch(live.conversation)
         live.queue.put_nowait(Chunk([], tail, time.time_ns(), finish))
         log.info(
             "request_finished",
@@ -378,11 +459,12 @@ class Engine:
             latency_s=round(time.monotonic() - live.started, 4),
         )
 
-    def _fail(self, live: _Live, message: str) -> None:
+    def _fail(self, live: _Live, message: str, error: type[ServingError] = Unavailable) -> None:
         assert self.scheduler is not None
         self.scheduler.abort(live.seq.request_id, Finish.ERROR)
         self.live.pop(live.seq.request_id, None)
-        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR, error))
+        log.warning("request_failed", request_id=live.seq.request_id, tenant=live.seq.tenant, reason=message)
 
     # -- client-facing operations -----------------------------------------------------------------
 
@@ -412,6 +494,8 @@ class Engine:
         if request_id in self.live:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
         conversation = (tenant, req.conversation_id) if req.conversation_id else None
+        if conversation is not None:
+            self._make_room_for(conversation)
         messages = list(self.conversations.get(conversation, [])) if conversation else []
         if req.system_prompt and not messages:
             messages.append({"role": "system", "content": req.system_prompt})
@@ -444,6 +528,7 @@ class Engine:
         )
         if conversation is not None:
             self.conversations[conversation] = messages
+            self._touch(conversation)
         self.live[request_id] = _Live(seq, Detokenizer(self.tokenizer, req.stop), conversation)
         sched.add(seq)
         self._wake.set()
@@ -469,7 +554,7 @@ class Engine:
                 chunk = await live.queue.get()
                 if chunk.finish is Finish.ERROR:
                     done = True
-                    raise Unavailable(chunk.text)
+                    raise chunk.error(chunk.text)
                 yield chunk
                 if chunk.finish is not None:
                     done = True
@@ -498,8 +583,54 @@ class Engine:
         key = (tenant or "default", conversation_id)
         if self.scheduler is not None:
             self.scheduler.drop_conversation(key)
+        self._conversation_used.pop(key, None)
         if self.conversations.pop(key, None) is None:
             raise NotFoundError(f"tenant {tenant or 'default'!r} has no conversation {conversation_id!r}")
+
+    # -- bounded conversation state ---------------------------------------------------------------
+
+    def _touch(self, key: tuple[str, str]) -> None:
+        self.conversations.move_to_end(key)
+        self._conversation_used[key] = time.monotonic()
+
+    def _in_use(self) -> set[tuple[str, str]]:
+        return {live.conversation for live in self.live.values() if live.conversation is not None}
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self.conversations.pop(key, None)
+        self._conversation_used.pop(key, None)
+        if self.scheduler is not None:
+            self.scheduler.drop_conversation(key)
+
+    def expire_conversations(self, now: float) -> int:
+        """Forget conversations idle for longer than the TTL (history and kept KV); returns how many."""
+        in_use, expired = self._in_use(), 0
+        for key in list(self.conversations):  # least recently used first
+            if now - self._conversation_used.get(key, now) <= self.config.conversation_ttl_s:
+                break
+            if key not in in_use:
+                self._forget(key)
+                expired += 1
+        if self.scheduler is not None:
+            self.scheduler.expire_kept(now)
+            self.scheduler.stats.counters["conversations_expired"] += expired
+        return expired
+
+    def _make_room_for(self, key: tuple[str, str]) -> None:
+        """A new conversation beyond --max-conversations pushes out the least recently used idle one."""
+        self.expire_conversations(time.monotonic())
+        if key in self.conversations or len(self.conversations) < self.config.max_conversations:
+            return
+        in_use = self._in_use()
+        victim = next((k for k in self.conversations if k not in in_use), None)
+        if victim is None:
+            raise ResourceExhaustedError(
+                f"{len(self.conversations)} conversations are live (--max-conversations): retry when one ends",
+                retry_after_s=1.0,
+            )
+        self._forget(victim)
+        if self.scheduler is not None:
+            self.scheduler.stats.counters["conversations_evicted"] += 1
 
     def live_count(self, tenant: str) -> int:
         """Live requests of one tenant (per-key admission)."""
@@ -557,6 +688,7 @@ class Engine:
             counters["waiting"] = len(sched.waiting)
         counters["live_requests"] = len(self.live)
         counters["conversations"] = len(self.conversations)
+        counters["conversation_messages"] = sum(len(m) for m in self.conversations.values())
         counters.update({f"refused_{code}": float(n) for code, n in REFUSED.items()})
         counters["uptime_s"] = time.monotonic() - self._started
         return counters

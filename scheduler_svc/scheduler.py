@@ -475,6 +475,10 @@ class Scheduler:
         self.stats.counters["kept_kv_evicted"] += 1
         return True
 
+    def expire_kept(self, now: float) -> None:
+        """Drop kept KV idle past the TTL now (the engine calls it while no step runs, too)."""
+        self._expire_kept(now)
+
     def _expire_kept(self, now: float) -> None:
         """Drop kept KV idle for longer than the TTL (the dict is in last-use order)."""
         while self.kept:

@@ -199,6 +199,7 @@ class ServiceHost:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGUSR1, _log_tasks)
         if ready is not None:
             await ready()
         if serving_after_ready:
@@ -217,3 +218,19 @@ class ServiceHost:
         if on_stop is not None:
             await on_stop()
         await self.server.stop(grace_s)
+
+
+def _log_tasks() -> None:
+    """SIGUSR1: log where every task of this process is waiting (a hung service explains itself)."""
+
+    def attr(obj: Any, *names: str) -> Any:
+        return next((v for n in names if (v := getattr(obj, n, None)) is not None), None)
+
+    for task in asyncio.all_tasks():
+        frames, coro = [], task.get_coro()
+        while coro is not None:  # down the chain of awaits to where the task waits
+            frame = attr(coro, "cr_frame", "ag_frame", "gi_frame")
+            if frame is not None:
+                frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+            coro = attr(coro, "cr_await", "ag_await", "gi_yieldfrom")
+        log.warning("task_stack", task=task.get_name(), stack=frames)
