@@ -209,12 +209,12 @@ def test_up_restarts_a_killed_executor_and_every_generate_completes_with_the_rig
                 time.sleep(0.05)
         os.kill(_children(up.pid)["executor_svc"], signal.SIGKILL)
         seen_not_serving = False
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while (status := _health(addr)) != health_pb2.HealthCheckResponse.SERVING or not seen_not_serving:
             seen_not_serving |= status == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert time.monotonic() < deadline, "the stack did not come back within 120 s"
+            assert time.monotonic() < deadline, "the stack did not come back within 300 s"
             time.sleep(0.05)
-        outs = [g.communicate(timeout=120) for g in gens]
+        outs = [g.communicate(timeout=300) for g in gens]
         for gen, (stdout, stderr), want in zip(gens, outs, expected, strict=True):
             assert gen.returncode == 0, stderr
             assert stdout == want + "\n"
