@@ -60,6 +60,9 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
             )
         )
         structlog.contextvars.bind_contextvars(request_id=seq.request_id, tenant=seq.tenant)
+        # Admitted: headers now, so a client's retry policy never re-sends a request the server took
+        # (retries are for refusals such as draining, before any header).
+        await context.send_initial_metadata(())
         first = True
         async for chunk in self.engine.stream(seq):
             response = api_pb2.GenerateResponse(

@@ -227,3 +227,24 @@ def test_up_restarts_a_killed_executor_and_every_generate_completes_with_the_rig
         up.send_signal(signal.SIGTERM)
         _, stderr = up.communicate(timeout=60)
     assert "the executor exited (code -9); restarted it" in stderr
+
+
+def test_supervise_restarts_a_dead_service_after_a_growing_backoff(monkeypatch) -> None:
+    from svc_common.stack import Stack, StackConfig
+
+    stack = Stack(StackConfig.build(port=free_port_base(), host_blocks=0))
+    dies = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    monkeypatch.setattr(stack, "commands", lambda: {"executor": dies})
+    stack.names, stack.procs = ["executor"], [stack._spawn("executor", dies)]
+    stack.procs[0].wait()
+    t = 1000.0
+    assert stack.supervise(t) == []  # noticed: restart due after the first backoff
+    assert stack.supervise(t + Stack.BACKOFF_S[0] / 2) == []
+    first = stack.supervise(t + Stack.BACKOFF_S[0])
+    assert [(r.name, r.exit_code) for r in first] == [("executor", 3)]
+    stack.procs[0].wait()
+    t2 = t + 10
+    assert stack.supervise(t2) == []
+    assert stack.supervise(t2 + Stack.BACKOFF_S[0]) == []  # the second death waits longer
+    assert len(stack.supervise(t2 + Stack.BACKOFF_S[1])) == 1
+    stack.procs[0].wait()
