@@ -665,6 +665,9 @@ class Engine:
             "kept_kv_host_evicted": 0,
             "kept_kv_expired": 0,
             "swap_fallback_recompute": 0,
+            "executor_reconnects": 0,
+            "failed_steps": 0,
+            "step_timeouts": 0,
             "device_blocks_free": 0,
             "host_blocks_free": 0,
         }
