@@ -325,7 +325,7 @@ class Engine:
                 counters["executor_reconnects"] += 1
                 await self._attached(False)
                 await asyncio.sleep(self._backoff())
-                await self._await_executor(stub, self._lost_since)
+                await self._await_executor(stub)
                 await self._attached(True)
                 await self._restart_swap_client()
 
@@ -361,8 +361,8 @@ class Engine:
             await asyncio.sleep(period)
             self.expire_conversations(time.monotonic())
 
-    async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub, lost_since: float) -> None:
-        self._fail_if_lost_too_long(lost_since)
+    async def _await_executor(self, stub: executor_pb2_grpc.ExecutorStub) -> None:
+        self._fail_if_lost_too_long()
         while True:
             try:
                 info = await stub.Describe(executor_pb2.DescribeRequest(), timeout=DESCRIBE_DEADLINE_S)
@@ -373,11 +373,15 @@ class Engine:
                 log.info("executor_reattached", pool=info.pool_handle)
                 return
             except grpc.aio.AioRpcError:
-                self._fail_if_lost_too_long(lost_since)
+                self._fail_if_lost_too_long()
                 await asyncio.sleep(0.5)
 
-    def _fail_if_lost_too_long(self, lost_since: float) -> None:
-        if time.monotonic() - lost_since > self.config.executor_timeout_s:
+    def _fail_if_lost_too_long(self) -> None:
+        """Fail every live request once no step has succeeded for `executor_timeout_s`; requests that
+        arrive later get their own `executor_timeout_s`."""
+        now = time.monotonic()
+        if self._lost_since is not None and now - self._lost_since > self.config.executor_timeout_s:
+            self._lost_since = now
             for live in list(self.live.values()):
                 self._fail(
                     live,

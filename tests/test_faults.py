@@ -7,6 +7,7 @@ or host block is leaked, and the stack serves again afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterator, Iterator
 import grpc
 import pytest
 
-from fastswitch import AsyncClient, Client, FastSwitchError, ServerError
+from fastswitch import AsyncClient, Client, FastSwitchError, ServerError, ServiceUnavailable
 from fastswitch.v1 import executor_pb2, executor_pb2_grpc
 from svc_common.stack import free_port_base, wait_healthy
 from tests.conftest import running_stack
@@ -30,11 +31,12 @@ FAULT_BOUND_S = 30.0
 
 
 class _FailingExecutor(executor_pb2_grpc.ExecutorServicer):
-    """Describes a pool like a real executor; every step fails with INTERNAL until `healthy` is set,
-    then every sampled chunk gets token 100."""
+    """Describes a pool like a real executor; every step fails with INTERNAL (or, with `hang`, never
+    answers) until `healthy` is set, then every sampled chunk gets token 100."""
 
     def __init__(self) -> None:
         self.healthy = False
+        self.hang = False
         self.streams = 0
 
     async def Describe(self, request: object, context: grpc.aio.ServicerContext) -> executor_pb2.ExecutorInfo:
@@ -47,6 +49,8 @@ class _FailingExecutor(executor_pb2_grpc.ExecutorServicer):
     ) -> AsyncIterator[executor_pb2.StepResult]:
         self.streams += 1
         async for plan in request_iterator:
+            if self.hang and not self.healthy:
+                await asyncio.sleep(3600)
             if not self.healthy:
                 await context.abort(grpc.StatusCode.INTERNAL, "CUDA error: an illegal memory access (simulated)")
             yield executor_pb2.StepResult(
@@ -81,20 +85,30 @@ def failing_executor() -> Iterator[tuple[str, _FailingExecutor]]:
     thread.join(10)
 
 
-def test_an_executor_that_fails_every_step_fails_each_request_clearly_without_a_storm(
-    model_dir, failing_executor
-) -> None:
-    executor_addr, fake = failing_executor
+@contextlib.contextmanager
+def scheduler_on(executor_addr: str, *flags: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A scheduler process (the real tokenizer) driving the executor at `executor_addr`."""
     port = free_port_base()
     log = tempfile.NamedTemporaryFile(prefix="fastswitch-failing-", suffix=".log", delete=False)  # noqa: SIM115
     scheduler = subprocess.Popen(
         [sys.executable, "-m", "scheduler_svc", "--port", str(port), "--executor", executor_addr, "--swapd", "",
-         "--max-step-tokens", "256"],
+         *flags],
         stdout=log, stderr=log,
     )  # fmt: skip
-    addr = f"127.0.0.1:{port}"
     try:
-        wait_healthy(addr, 300, [scheduler])
+        wait_healthy(f"127.0.0.1:{port}", 300, [scheduler])
+        yield f"127.0.0.1:{port}", scheduler
+    finally:
+        scheduler.send_signal(signal.SIGTERM)
+        scheduler.wait(60)
+        log.close()
+
+
+def test_an_executor_that_fails_every_step_fails_each_request_clearly_without_a_storm(
+    model_dir, failing_executor
+) -> None:
+    executor_addr, fake = failing_executor
+    with scheduler_on(executor_addr) as (addr, scheduler):
 
         async def run() -> list[object]:
             async with AsyncClient(addr) as client:
@@ -116,10 +130,24 @@ def test_an_executor_that_fails_every_step_fails_each_request_clearly_without_a_
             answer = client.complete("Hello", max_tokens=3, ignore_eos=True)
             assert answer.finish_reason == "length" and answer.token_ids == [100, 100, 100]
         assert scheduler.poll() is None
-    finally:
-        scheduler.send_signal(signal.SIGTERM)
-        scheduler.wait(60)
-        log.close()
+
+
+def test_a_step_past_the_step_timeout_counts_as_a_lost_executor(model_dir, failing_executor) -> None:
+    executor_addr, fake = failing_executor
+    fake.hang = True
+    with scheduler_on(executor_addr, "--step-timeout", "1", "--executor-timeout", "4") as (addr, scheduler):
+        start = time.monotonic()
+        with Client(addr) as client:
+            with pytest.raises(ServiceUnavailable, match="executor-timeout"):
+                client.complete("Hello", max_tokens=3)
+            assert time.monotonic() - start < FAULT_BOUND_S
+            stats = client.stats()
+            assert stats["step_timeouts"] >= 1 and stats["executor_reconnects"] >= 1
+            assert stats["executor_reconnects"] <= 10  # backoff between attempts, not a storm
+            assert stats["device_blocks_free"] == stats["device_blocks_total"]
+            fake.healthy = True
+            assert client.complete("Hello", max_tokens=2, ignore_eos=True).token_ids == [100, 100]
+        assert scheduler.poll() is None
 
 
 def test_kill_9_of_the_executor_and_the_swap_daemon_under_load_ends_every_request_and_leaks_nothing(
