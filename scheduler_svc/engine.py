@@ -318,6 +318,7 @@ class Engine:
                 if err.code() in FAILED_STEP:
                     counters["failed_steps"] += 1
                     self._on_failed_step(err.details() or err.code().name)
+                    self._fail_if_lost_too_long()  # failures that never repeat exactly still end
                     await asyncio.sleep(self._backoff())
                     continue  # the executor is alive: its stream ended with the error, open a new one
                 log.warning("executor_lost", code=err.code().name, details=err.details())
