@@ -58,10 +58,8 @@ _SERVICE_CONFIG = json.dumps(
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _SERVICE_CONFIG),
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_time_ms", 60_000),  # the server accepts pings every 30 s or more
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 
 

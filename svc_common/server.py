@@ -27,18 +27,16 @@ from svc_common.errors import ErrorMappingInterceptor
 log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # the internal links: whole step plans and results
-# Pings every 20 s on every connection, a peer that does not answer in 10 s is gone; servers accept
-# pings that often (also between calls), so long idle streams stay up through proxies and NATs.
+# Keepalive pings every 60 s on every connection (a peer that does not answer in 20 s is gone); servers
+# accept a client's pings every 30 s or more. gRPC's defaults otherwise: pings only while calls are open,
+# and at most 2 without data in between (an earlier, more eager setting stalled the step stream).
 KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 SERVER_KEEPALIVE_OPTIONS = [
     *KEEPALIVE_OPTIONS,
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
 ]
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
