@@ -673,6 +673,8 @@ class Engine:
             "executor_reconnects": 0,
             "failed_steps": 0,
             "step_timeouts": 0,
+            "conversations_expired": 0,
+            "conversations_evicted": 0,
             "device_blocks_free": 0,
             "host_blocks_free": 0,
         }
