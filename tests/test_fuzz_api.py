@@ -25,8 +25,10 @@ DOCUMENTED = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.PERMISSION_DENIED,
 }
-# Counters that accepted requests legitimately move (work done, time passing).
+# Counters that accepted requests legitimately move (work done, time passing); every other figure
+# (free blocks, live, queued, kept conversations and their KV, swaps in flight, ...) must come back.
 WORK = {"prompt_tokens", "generated_tokens", "forward_s", "steps", "steps_without_compute", "uptime_s", "swap_stall_s"}
+WORK_PREFIXES = ("refused_", "finished_", "reused_", "recomputed_")
 FUZZ = settings(
     deadline=None, max_examples=int(os.environ.get("FASTSWITCH_FUZZ_EXAMPLES", "40")),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
@@ -51,7 +53,7 @@ def stub(open_stack) -> Iterator[api_pb2_grpc.FastSwitchStub]:
 
 def _state(stub: api_pb2_grpc.FastSwitchStub) -> dict[str, float]:
     counters = dict(stub.GetStats(api_pb2.GetStatsRequest(), timeout=10).counters)
-    return {k: v for k, v in counters.items() if k not in WORK and not k.startswith("refused_")}
+    return {k: v for k, v in counters.items() if k not in WORK and not k.startswith(WORK_PREFIXES)}
 
 
 def _call(fn, *args) -> grpc.StatusCode:  # noqa: ANN001
