@@ -191,7 +191,9 @@ def test_kill_9_of_the_executor_and_the_swap_daemon_under_load_ends_every_reques
                 assert isinstance(r, FastSwitchError) and str(r), repr(r)
             else:
                 assert r.finish_reason in ("length", "eos"), r  # type: ignore[attr-defined]
-        assert ended < FAULT_BOUND_S + 60
+        # None hung: each ended long before its 300 s deadline. (Completions after the kill wait for the
+        # executor's restart and reload, which on a loaded 2-core machine alone can take a minute.)
+        assert ended < 240, ended
         assert {r.name for r in stack.restarts} == {"executor", "swapd"}
         wait_healthy(stack.addr, 300)
         with Client(stack.addr) as client:
