@@ -3,9 +3,12 @@
     python examples/judge.py                      # starts a local stack, scores, stops it
     python examples/judge.py --addr HOST:PORT     # uses a running stack (`fastswitch up`)
     python examples/judge.py --model PATH         # a local stack on another model (HF directory or GGUF)
+    python examples/judge.py --unconstrained      # the prompts alone, without structured output
 
-Each pair is judged in two turns of one conversation; turn 2 reuses turn 1's KV on the server.
-Malformed verdicts are reported as such and left out of the accuracy, never guessed.
+Each pair is judged in two turns of one conversation; turn 2 reuses turn 1's KV on the server. Both
+turns are grammar-constrained on the server (turn 1's `Dimensions:` line, turn 2's single boxed
+verdict) unless --unconstrained. Malformed verdicts are reported as such and left out of the
+accuracy, never guessed.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verdict-tokens", type=int, default=64, help="max tokens of turn 2")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--show-text", action="store_true", help="print both turns' text")
+    parser.add_argument(
+        "--unconstrained", action="store_true", help="no structured output: the model may answer in any format"
+    )
     args = parser.parse_args(argv)
 
     pairs = load_pairs(args.pairs)
@@ -97,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                 analysis_tokens=args.analysis_tokens,
                 verdict_tokens=args.verdict_tokens,
                 temperature=args.temperature,
+                constrained=not args.unconstrained,
             )
             results.append(result)
             report(i, len(pairs), pair, result)

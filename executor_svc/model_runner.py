@@ -3,38 +3,50 @@
 All requests' tokens of a step (prefill chunks and single-token decodes) are packed into one
 sequence of length T; RoPE positions come from `position_ids`, and paged attention keeps the
 requests apart. Only the last row of each sampled chunk goes through the LM head.
+
+The step is a fixed pipeline: the plan's metadata is packed on the host and copied to the device
+once (step_meta.py); the forward runs eagerly, or, for a decode-only step with `--cuda-graphs`, is
+replayed from the CUDA graph of its batch-size bucket (cuda_graphs.py), on the same metadata layout;
+the only host synchronisation is reading the sampled ids back.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass
 
 import structlog
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from executor_svc import paged_attention
-from executor_svc.config import ExecutorConfig
-from executor_svc.kv_pool import KVPool
-from executor_svc.paged_attention import PrefillSegment, StepAttention
+from executor_svc.config import CPU_DEFAULT_BLOCKS, ExecutorConfig
+from executor_svc.kv_pool import KVPool, block_bytes
+from executor_svc.loader import (
+    PROFILE_TOKENS,
+    auto_device_blocks,
+    load_model,
+    pick_device,
+    resolve_dtype,
+)
+from executor_svc.paged_attention import StepAttention
 from executor_svc.sampler import sample
+from executor_svc.step_meta import ChunkSpec, build_host_meta
 from svc_common.model_source import resolve_model
 from svc_common.plan import Sampling, StepOutput, StepPlan
 
 log = structlog.get_logger(__name__)
+
+__all__ = ["ModelRunner", "pick_device"]
+
+DECODE_BLOCK_N = 64  # context tokens per tile of the Triton decode kernel
 
 
 @dataclass(slots=True)
 class _RequestState:
     sampling: Sampling
     block_table: list[int]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class ModelRunner:
@@ -44,12 +56,20 @@ class ModelRunner:
         self.device = pick_device(config.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.resolved_threads)
+            if config.cuda_graphs:
+                raise ValueError("--cuda-graphs needs a CUDA device")
+        if self.device.type == "cpu" and config.attention == "triton":
+            # Triton compiles for GPUs only; on a CPU its interpreter runs the kernels (slowly: tests).
+            # It must be chosen before triton is first imported.
+            if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+                raise RuntimeError("--attention triton on a CPU needs TRITON_INTERPRET=1 set before triton is imported")
+            os.environ["TRITON_INTERPRET"] = "1"
+            log.warning("triton_interpreter", reason="--attention triton on a CPU runs Triton's interpreter (slow)")
         self.model_dir = resolve_model(config.model)
-        hf_config = AutoConfig.from_pretrained(self.model_dir)
-        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype).to(self.device).eval()
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = load_model(self.model_dir, self.dtype, self.device, config.load_format)
         self.model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)
-        text_config = hf_config.get_text_config()
+        text_config = self.model.config.get_text_config()
         self.num_layers = text_config.num_hidden_layers
         self.num_kv_heads = text_config.num_key_value_heads
         self.head_dim = getattr(text_config, "head_dim", None) or (
@@ -57,30 +77,49 @@ class ModelRunner:
         )
         self.vocab_size = text_config.vocab_size
         self.max_model_len = getattr(text_config, "max_position_embeddings", 4096)
-        self.dtype = dtype
         self.block_size = config.block_size
-        self.pool = KVPool(
-            config.device_blocks,
-            self.num_layers,
-            config.block_size,
-            self.num_kv_heads,
-            self.head_dim,
-            dtype,
-            self.device,
-        )
+        self.attention = config.attention
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1
         self.requests: dict[str, _RequestState] = {}
+        bytes_per_block = block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+        num_blocks = config.device_blocks
+        if num_blocks == 0:
+            activation = self._profile_activation_bytes() if self.is_cuda else 0
+            num_blocks = auto_device_blocks(
+                self.device, bytes_per_block, config.gpu_memory_utilization, activation, CPU_DEFAULT_BLOCKS
+            )
+        self.pool = self._make_pool(num_blocks)
+        self.graphs = None
+        if config.cuda_graphs:
+            from executor_svc.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, capture=True)
         log.info(
             "model_loaded",
             model=str(self.model_dir),
             device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            load_format=config.load_format,
+            attention=self.attention,
+            cuda_graphs=self.graphs is not None,
             layers=self.num_layers,
             kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            blocks=config.device_blocks,
+            blocks=num_blocks,
             block_bytes=self.pool.block_bytes,
         )
 
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def _make_pool(self, num_blocks: int) -> KVPool:
+        return KVPool(
+            num_blocks, self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+        )
+
     def close(self) -> None:
+        self.graphs = None
         if self.pool is not None:
             self.pool.close()
             self.pool = None  # type: ignore[assignment]
@@ -100,16 +139,21 @@ class ModelRunner:
         if not plan.chunks:
             return StepOutput(plan.step_id, [])
 
+        bs = self.block_size
+        for c in plan.chunks:
+            need = (c.start_position + len(c.token_ids) + bs - 1) // bs
+            have = len(self.requests[c.request_id].block_table)
+            if need > have:
+                raise ValueError(
+                    f"plan step {plan.step_id}: request {c.request_id} needs {need} blocks for "
+                    f"{c.start_position + len(c.token_ids)} tokens, its block table has {have}"
+                )
         t0 = time.perf_counter_ns()
-        input_ids, positions, attn, sample_rows = self._prepare(plan)
-        with torch.inference_mode():
-            logits = self.model(
-                input_ids=input_ids,
-                position_ids=positions,
-                use_cache=False,
-                logits_to_keep=sample_rows if sample_rows.numel() else torch.tensor([0], device=self.device),
-                fs_step=attn,
-            ).logits[0]
+        specs = [
+            ChunkSpec(c.token_ids, c.start_position, self.requests[c.request_id].block_table, c.sample)
+            for c in plan.chunks
+        ]
+        logits = self.forward(specs)
         t1 = time.perf_counter_ns()
         sampled = [c for c in plan.chunks if c.sample]
         tokens = (
@@ -117,6 +161,7 @@ class ModelRunner:
                 logits.float(),
                 [self.requests[c.request_id].sampling for c in sampled],
                 [c.start_position + len(c.token_ids) for c in sampled],
+                [c.token_bitmask for c in sampled],
             )
             if sampled
             else []
@@ -129,74 +174,50 @@ class ModelRunner:
             sample_ns=t2 - t1,
         )
 
-    def _prepare(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor, StepAttention, torch.Tensor]:
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        write_blocks: list[int] = []
-        write_offsets: list[int] = []
-        sample_rows: list[int] = []
-        prefills: list[PrefillSegment] = []
-        decode_rows: list[int] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        for chunk in plan.chunks:
-            table = self.requests[chunk.request_id].block_table
-            start, n = chunk.start_position, len(chunk.token_ids)
-            ctx = start + n
-            if (ctx + bs - 1) // bs > len(table):
-                raise ValueError(
-                    f"request {chunk.request_id}: {ctx} tokens need {(ctx + bs - 1) // bs} blocks, "
-                    f"block table has {len(table)}"
-                )
-            row = len(ids)
-            ids.extend(chunk.token_ids)
-            pos.extend(range(start, ctx))
-            for p in range(start, ctx):
-                write_blocks.append(table[p // bs])
-                write_offsets.append(p % bs)
-            if chunk.sample:
-                sample_rows.append(row + n - 1)
-            if n == 1 and start > 0:
-                decode_rows.append(row)
-                decode_tables.append(table[: (ctx + bs - 1) // bs])
-                decode_lens.append(ctx)
-            else:
-                mask = None
-                if start > 0:
-                    q_pos = torch.arange(start, ctx).unsqueeze(1)
-                    mask = torch.arange(ctx).unsqueeze(0) <= q_pos
-                    mask = mask.to(self.device)
-                prefills.append(
-                    PrefillSegment(
-                        q_start=row,
-                        q_len=n,
-                        start_position=start,
-                        ctx_len=ctx,
-                        block_ids=torch.tensor(table[: (ctx + bs - 1) // bs], device=self.device),
-                        mask=mask,
-                    )
-                )
-        dev = self.device
-        attn = StepAttention(
-            pool=self.pool,
-            write_blocks=torch.tensor(write_blocks, device=dev),
-            write_offsets=torch.tensor(write_offsets, device=dev),
-            prefills=prefills,
-            decode_rows=None,
-            decode_tables=None,
-            decode_mask=None,
-        )
-        if decode_rows:
-            width = max(len(t) for t in decode_tables)
-            padded = [t + [t[-1]] * (width - len(t)) for t in decode_tables]
-            attn.decode_rows = torch.tensor(decode_rows, device=dev)
-            attn.decode_tables = torch.tensor(padded, device=dev)
-            lens = torch.tensor(decode_lens, device=dev)
-            attn.decode_mask = (torch.arange(width * bs, device=dev).unsqueeze(0) < lens.unsqueeze(1))[:, None, None, :]
-        return (
-            torch.tensor([ids], device=dev),
-            torch.tensor([pos], device=dev),
-            attn,
-            torch.tensor(sample_rows, device=dev, dtype=torch.long),
-        )
+    def forward(self, chunks: list[ChunkSpec]) -> torch.Tensor:
+        """Logits [sampled chunks, vocab] of one step (a graph replay where one fits)."""
+        if self.graphs is not None:
+            logits = self.graphs.run(chunks)
+            if logits is not None:
+                return logits
+        host = build_host_meta(chunks, self.block_size, scratch_block=self.pool.scratch_block)
+        meta = host.to_device(self.device)
+        splits = 1
+        if self.attention == "triton" and meta.decode is not None:
+            from executor_svc.triton_attention import decode_splits
+
+            d = meta.decode
+            splits = decode_splits(d.count, self.num_kv_heads, d.max_ctx, self.num_sms, DECODE_BLOCK_N)
+        keep = meta.sample_rows if meta.sample_rows.numel() else torch.zeros(1, dtype=torch.int32, device=self.device)
+        return self.run_model(StepAttention(self.pool, meta, self.attention, splits), keep)
+
+    def run_model(self, attn: StepAttention, logits_to_keep: torch.Tensor | int) -> torch.Tensor:
+        """The model's own forward over the step (eager, or while a CUDA graph captures it)."""
+        attn.meta.derived.clear()  # built from this step's metadata by the first layer
+        with torch.inference_mode():
+            return self.model(
+                input_ids=attn.meta.input_ids,
+                position_ids=attn.meta.positions,
+                use_cache=False,
+                logits_to_keep=logits_to_keep,
+                fs_step=attn,
+            ).logits[0]
+
+    def _profile_activation_bytes(self) -> int:
+        """Peak memory of the largest step, a prefill of PROFILE_TOKENS tokens, over a scratch pool."""
+        tokens = min(PROFILE_TOKENS, self.max_model_len)
+        blocks = (tokens + self.block_size - 1) // self.block_size
+        pool = self._make_pool(blocks)
+        try:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            spec = ChunkSpec([0] * tokens, 0, list(range(blocks)), True)
+            meta = build_host_meta([spec], self.block_size, scratch_block=pool.scratch_block).to_device(self.device)
+            self.run_model(StepAttention(pool, meta, self.attention), meta.sample_rows)
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+        finally:
+            pool.close()
+        log.info("activation_profile", tokens=tokens, peak_mib=round(peak / 2**20, 1))
+        return int(peak * 1.2)  # headroom: fragmentation, sampling, CUDA graphs' pool

@@ -1,7 +1,8 @@
 """FastSwitch: fairness-aware LLM serving with cheap KV-cache context switches.
 
-The client SDK lives here (`fastswitch.client`), with the CLI (`fastswitch.cli`), the generated gRPC
-stubs (`fastswitch.v1`) and the small pieces every service shares (`svc_common`).
+This package is the client: the SDK (everything in `__all__`, documented in the README), the CLI
+(`fastswitch.cli`) and the generated gRPC stubs (`fastswitch.v1`). It needs grpcio and protobuf only;
+the services come with `pip install 'fastswitch[server]'`.
 """
 
 from fastswitch.client import (
@@ -13,6 +14,7 @@ from fastswitch.client import (
     FastSwitchError,
     IncompleteStream,
     InvalidRequest,
+    ModelInfo,
     NotFound,
     PermissionDenied,
     RequestCancelled,
@@ -23,6 +25,9 @@ from fastswitch.client import (
     Unauthenticated,
 )
 
+# The one place the version is written: pyproject.toml reads it (setuptools dynamic version).
+__version__ = "0.1.0"
+
 __all__ = [
     "AsyncClient",
     "Client",
@@ -32,6 +37,7 @@ __all__ = [
     "FastSwitchError",
     "IncompleteStream",
     "InvalidRequest",
+    "ModelInfo",
     "NotFound",
     "PermissionDenied",
     "RequestCancelled",
@@ -40,4 +46,5 @@ __all__ = [
     "ServiceUnavailable",
     "TokenChunk",
     "Unauthenticated",
+    "__version__",
 ]

@@ -4,8 +4,11 @@ fastswitch up [--port 50051] [--model PATH] ...      # start all services, print
 fastswitch generate "The capital of France is"      # stream a completion to stdout
 fastswitch chat                                      # interactive multi-turn chat
 fastswitch stats                                     # scheduler statistics as one JSON object
-fastswitch scheduler|executor|swapd [...]            # one service (what docker-compose runs)
+fastswitch scheduler|executor|swapd|http [...]       # one service (what docker-compose runs)
 fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on one workload
+
+generate, chat and stats need only the client (the base install); the other commands import server code
+lazily and, where its extra is not installed, say which one to install.
 
 Clients take --api-key KEY (or FASTSWITCH_API_KEY) and --tls-ca FILE (or FASTSWITCH_TLS_CA). A bad flag
 or value exits 2 with one line saying what is wrong; a request the server failed or cut exits 1.
@@ -14,12 +17,16 @@ or value exits 2 with one line saying what is wrong; a request the server failed
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import pathlib
 import signal
 import sys
 import time
 import uuid
 
+from fastswitch import __version__
+from fastswitch._extras import install_hint, missing
 from fastswitch.client import (
     API_KEY_ENV,
     DEFAULT_ADDR,
@@ -30,6 +37,27 @@ from fastswitch.client import (
     PermissionDenied,
     Unauthenticated,
 )
+
+# The commands that run server code: the extra each needs, and the module each runs (imported only for it).
+SERVER_COMMANDS = {
+    "up": ("server", "svc_common.stack"),
+    "scheduler": ("server", "scheduler_svc.__main__"),
+    "executor": ("server", "executor_svc.__main__"),
+    "swapd": ("server", "swap_daemon.__main__"),
+    "http": ("http", "openai_svc.__main__"),
+    "bench": ("bench", "fastswitch_bench.runner"),
+}
+SERVICES = ("scheduler", "executor", "swapd", "http")
+# This distribution's own top-level packages: one missing is a broken install, not a missing extra.
+OWN_PACKAGES = {
+    "fastswitch",
+    "fastswitch_bench",
+    "svc_common",
+    "scheduler_svc",
+    "executor_svc",
+    "swap_daemon",
+    "openai_svc",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -85,7 +113,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         return 1
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    print(f"fastswitch ready at {addr}", flush=True)
+    http = f" (OpenAI API at {stack.http_url}/v1, metrics at {stack.http_url}/metrics)" if stack.http_url else ""
+    print(f"fastswitch ready at {addr}{http}", flush=True)
     try:
         while not stop["requested"]:
             time.sleep(0.2)
@@ -118,6 +147,31 @@ def _generate_kwargs(args: argparse.Namespace) -> dict[str, object]:
     )
 
 
+def _structured_output(args: argparse.Namespace) -> dict[str, object]:
+    """generate's --json-schema FILE | --regex R | --choice a,b,c | --grammar FILE as SDK keywords."""
+    if args.json_schema:
+        text = _read(args.json_schema, "--json-schema")
+        try:
+            json.loads(text)
+        except ValueError as err:
+            raise SystemExit(f"fastswitch generate: --json-schema {args.json_schema} is not JSON: {err}") from None
+        return {"json_schema": text}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice is not None:
+        return {"choice": args.choice.split(",")}
+    if args.grammar:
+        return {"grammar": _read(args.grammar, "--grammar")}
+    return {}
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        return sys.stdin.read() if path == "-" else pathlib.Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise SystemExit(f"fastswitch generate: cannot read {flag} {path}: {err.strerror}") from None
+
+
 def _stream(client: Client, prompt: str, kwargs: dict[str, object]) -> int:
     """Write the completion to stdout; 0 when it finished, 1 (and a message) when the server ended it."""
     finish = None
@@ -135,7 +189,7 @@ def _stream(client: Client, prompt: str, kwargs: dict[str, object]) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
     with _client(args, timeout=args.timeout) as client:
-        return _stream(client, prompt, _generate_kwargs(args))
+        return _stream(client, prompt, {**_generate_kwargs(args), **_structured_output(args)})
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -204,8 +258,11 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="deadline in seconds")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(server: bool = True) -> argparse.ArgumentParser:
+    """The whole CLI. With `server=False` the `up` command's settings are left out: reading them imports the
+    services' configs, which a client-only install does not need (and `up` is not being run)."""
     parser = _Parser(prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser(
@@ -215,9 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         "swap daemon on --port+2); print a line with 'ready' once all are healthy; a service that dies is "
         "restarted with backoff; SIGINT/SIGTERM drains the scheduler, then stops them all.",
     )
-    from svc_common.stack import StackConfig
+    if server:
+        from svc_common.stack import StackConfig
 
-    StackConfig.add_arguments(up)
+        StackConfig.add_arguments(up)
     up.add_argument("--log-dir", default=None, help="write each service's log here")
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cmd_up)
@@ -225,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="stream a completion to stdout", formatter_class=_Help)
     _add_sampling(gen)
     gen.add_argument("--chat", action="store_true", help="apply the chat template")
+    structured = gen.add_mutually_exclusive_group()
+    structured.add_argument("--json-schema", metavar="FILE", help="the output is JSON valid against this schema")
+    structured.add_argument("--regex", metavar="R", help="the whole output matches this regular expression")
+    structured.add_argument("--choice", metavar="A,B,C", help="the output is exactly one of these strings")
+    structured.add_argument("--grammar", metavar="FILE", help="the output matches this EBNF grammar (rule `root`)")
     gen.add_argument("prompt", help="prompt text ('-' reads stdin)")
     gen.set_defaults(func=_cmd_generate)
 
@@ -240,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("scheduler", "scheduler_svc"),
         ("executor", "executor_svc"),
         ("swapd", "swap_daemon"),
+        ("http", "openai_svc"),
     ):
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)
@@ -262,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--priority-update-prob", type=float, default=None, help="per live request, per iteration")
     bench.add_argument("--device-blocks", type=int, default=None, help="override the preset's device KV pool")
     bench.add_argument("--host-blocks", type=int, default=None, help="override the preset's host KV pool")
+    bench.add_argument("--model", default=None, help="HF directory or GGUF file for the stack and the peer")
+    bench.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default=None)
+    bench.add_argument(
+        "--load-format", choices=["auto", "dummy"], default=None, help="dummy: random weights from config.json"
+    )
+    bench.add_argument("--executors", type=int, default=None, help="executor nodes per stack")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument(
         "--stall-timeout", type=float, default=60.0, help="end a mode's replay after this long without a token"
@@ -270,25 +340,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _missing_extra(command: str, extra: str, names: str) -> int:
+    hint = install_hint(extra)
+    print(f"fastswitch {command} needs the {extra} extra ({names} not installed): {hint}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("scheduler", "executor", "swapd"):
-        import importlib
-
-        module = {"scheduler": "scheduler_svc", "executor": "executor_svc", "swapd": "swap_daemon"}[argv[0]]
-        importlib.import_module(f"{module}.__main__").main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
+    command = argv[0] if argv else ""
+    extra = SERVER_COMMANDS[command][0] if command in SERVER_COMMANDS else ""
     try:
+        if extra:
+            if absent := missing(extra):
+                return _missing_extra(command, extra, ", ".join(absent))
+            module = importlib.import_module(SERVER_COMMANDS[command][1])
+            if command in SERVICES:
+                module.main(argv[1:])
+                return 0
+        args = build_parser(server=command == "up").parse_args(argv)
         return int(args.func(args) or 0)
+    except ModuleNotFoundError as err:
+        # The installed metadata cannot tell from a source tree; the failed import can.
+        top = (err.name or "").partition(".")[0]
+        if extra and top and top not in OWN_PACKAGES:
+            return _missing_extra(command, extra, top)
+        raise
     except (InvalidRequest, PermissionDenied, Unauthenticated) as err:
-        print(f"fastswitch {args.command}: error: {err}", file=sys.stderr)
+        print(f"fastswitch {command}: error: {err}", file=sys.stderr)
         return 2  # what the user sent is wrong (a value, a key, a priority)
     except FastSwitchError as err:
-        print(f"fastswitch {args.command}: {err}", file=sys.stderr)
+        print(f"fastswitch {command}: {err}", file=sys.stderr)
         return 1
     except (OSError, ValueError) as err:
-        print(f"fastswitch {args.command}: error: {err}", file=sys.stderr)
+        print(f"fastswitch {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -5,6 +5,9 @@
         for chunk in client.generate("The capital of France is", max_tokens=16):
             print(chunk.text, end="", flush=True)
 
+Structured output: `json_schema=` (a dict or JSON text), `json_object=True`, `regex=`, `choice=` (a list
+of strings) or `grammar=` (EBNF) constrains the completion, token by token, on the server.
+
 Errors are typed (`InvalidRequest`, `NotFound`, `ResourceExhausted`, `ServiceUnavailable`, ...), each
 carrying the server's message. Every call carries a deadline; one channel per client is reused.
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -206,6 +209,9 @@ class TokenChunk:
     produced_unix_ns: int
     prompt_tokens: int = 0
     reused_prefix_tokens: int = 0
+    # On the last chunk: seconds the request spent queued, blocked (waiting for KV blocks), in swap_in,
+    # prefill, preempted and decode.
+    phases: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, msg: api_pb2.GenerateResponse) -> TokenChunk:
@@ -217,7 +223,26 @@ class TokenChunk:
             produced_unix_ns=msg.produced_unix_ns,
             prompt_tokens=msg.prompt_tokens,
             reused_prefix_tokens=msg.reused_prefix_tokens,
+            phases=_phases(msg) if msg.HasField("phases") else {},
         )
+
+
+def _phases(msg: api_pb2.GenerateResponse) -> dict[str, float]:
+    return {f.name: getattr(msg.phases, f.name) for f in api_pb2.RequestPhases.DESCRIPTOR.fields}
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    """The served model and its limits."""
+
+    model: str
+    max_model_len: int
+    kv_capacity_tokens: int
+    policy: str
+
+    @classmethod
+    def from_proto(cls, msg: api_pb2.DescribeModelResponse) -> ModelInfo:
+        return cls(msg.model, msg.max_model_len, msg.kv_capacity_tokens, msg.policy)
 
 
 @dataclass(slots=True)
@@ -228,6 +253,7 @@ class Completion:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     reused_prefix_tokens: int = 0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (see TokenChunk)
 
     def add(self, chunk: TokenChunk) -> None:
         self.request_id = chunk.request_id
@@ -236,6 +262,7 @@ class Completion:
         self.finish_reason = chunk.finish_reason or self.finish_reason
         self.prompt_tokens = chunk.prompt_tokens or self.prompt_tokens
         self.reused_prefix_tokens = chunk.reused_prefix_tokens or self.reused_prefix_tokens
+        self.phases = chunk.phases or self.phases
 
 
 def build_request(
@@ -254,11 +281,18 @@ def build_request(
     conversation_id: str = "",
     system_prompt: str = "",
     request_id: str = "",
+    json_schema: dict[str, Any] | str | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
+    messages: list[dict[str, str]] | None = None,
 ) -> api_pb2.GenerateRequest:
+    """The Generate request; `messages` (a whole chat, OpenAI style) replaces prompt and system_prompt."""
     sampling = common_pb2.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     if seed is not None:
         sampling.seed = seed
-    return api_pb2.GenerateRequest(
+    request = api_pb2.GenerateRequest(
         request_id=request_id,
         prompt=prompt,
         chat=chat,
@@ -270,7 +304,50 @@ def build_request(
         priority=priority,
         conversation_id=conversation_id,
         system_prompt=system_prompt,
+        messages=[api_pb2.ChatMessage(role=m["role"], content=m.get("content", "")) for m in messages or ()],
     )
+    _set_structured_output(request, json_schema, json_object, regex, choice, grammar)
+    return request
+
+
+def _set_structured_output(
+    request: api_pb2.GenerateRequest,
+    json_schema: dict[str, Any] | str | None,
+    json_object: bool,
+    regex: str | None,
+    choice: Sequence[str] | None,
+    grammar: str | None,
+) -> None:
+    """At most one constraint (the `structured_output` oneof of GenerateRequest)."""
+    given = {
+        name: value
+        for name, value in (
+            ("json_schema", json_schema),
+            ("json_object", json_object or None),
+            ("regex", regex),
+            ("choice", choice),
+            ("grammar", grammar),
+        )
+        if value is not None
+    }
+    if len(given) > 1:
+        raise InvalidRequest(
+            f"pass at most one of json_schema, json_object, regex, choice, grammar; got {sorted(given)}"
+        )
+    if json_schema is not None:
+        request.json_schema = json_schema if isinstance(json_schema, str) else json.dumps(json_schema)
+    elif json_object:
+        request.json_object = True
+    elif regex is not None:
+        request.regex = regex
+    elif choice is not None:
+        if isinstance(choice, str):
+            raise InvalidRequest("choice is a list of strings, not one string")
+        request.choice.options.extend(choice)
+        if not request.choice.options:  # an empty list still selects `choice`: the server says what is wrong
+            request.choice.SetInParent()
+    elif grammar is not None:
+        request.grammar = grammar
 
 
 def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:
@@ -449,6 +526,13 @@ class Client:
             }
         return out
 
+    def describe_model(self) -> ModelInfo:
+        return ModelInfo.from_proto(self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
+
+    def metrics(self) -> str:
+        """The scheduler's Prometheus metrics (text exposition format)."""
+        return self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest()).text
+
     def _unary(self, method: Any, request: Any) -> Any:
         self._connect()
         try:
@@ -553,6 +637,25 @@ class AsyncClient:
 
     async def stats(self) -> dict[str, Any]:
         return _stats_dict(await self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
+
+    async def describe_model(self) -> ModelInfo:
+        return ModelInfo.from_proto(await self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
+
+    async def metrics(self) -> str:
+        """The scheduler's Prometheus metrics (text exposition format)."""
+        return (await self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest())).text
+
+    async def serving(self) -> bool:
+        """Whether the scheduler's health service says SERVING (False when it is unreachable)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            resp = await health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=UNARY_TIMEOUT_S
+            )
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     async def _unary(self, method: Any, request: Any) -> Any:
         await self._connect()

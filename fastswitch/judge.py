@@ -7,6 +7,12 @@ Two turns of one chat conversation compare two responses to a question:
 2. *Rethink*: in the same conversation (so the server reuses turn 1's KV and prefills only the new
    turn) it re-reads both responses along the chosen dimensions and answers `\\boxed{1}` or `\\boxed{2}`.
 
+By default both turns are constrained on the server (structured output, `regex=`): turn 1 starts with
+a `Dimensions:` line of one to three of the eight names (`analysis_regex`), and turn 2 is analysis text
+followed by exactly one `\\boxed{1}` or `\\boxed{2}` (`verdict_regex`). The analysis is plain ASCII
+without a backslash, at most `verdict_tokens - 9` characters, so the box always fits in the token
+budget: every verdict is well formed whatever the model. `constrained=False` sends the prompts alone.
+
 The parsers are strict and never guess. Turn 2 is well formed only when it holds exactly one
 `\\boxed{...}` whose value is 1 or 2; whitespace inside the braces is allowed (`\\boxed{ 2 }`).
 Anything else is malformed, with the reason: no box, two boxes that conflict, the same box twice
@@ -91,6 +97,29 @@ def verdict_prompt(dimensions: tuple[str, ...] = ()) -> str:
         "Then decide which response is better. End with your verdict written once as \\boxed{N}, "
         "where N is 1 or 2."
     )
+
+
+# -- constraints (structured output) -----------------------------------------------------------------------
+
+VERDICT_BOX_CHARS = len("\\boxed{1}")
+
+
+def analysis_regex() -> str:
+    """Turn 1: a `Dimensions:` line naming one to three of the eight dimensions, then free text."""
+    name = "(?:" + "|".join(DIMENSIONS) + ")"  # letters and spaces only: nothing to escape
+    return rf"Dimensions: {name}(?:, {name}){{{MIN_DIMENSIONS - 1},{MAX_DIMENSIONS - 1}}}\n[\s\S]*"
+
+
+def verdict_regex(max_tokens: int) -> str:
+    """Turn 2: analysis text, then exactly one `\\boxed{1}` or `\\boxed{2}`, within `max_tokens` tokens.
+
+    The analysis is printable ASCII and newlines without a backslash (so no second box), at most
+    `max_tokens - 9` characters. A token holds at least one character, so the box is always reached.
+    """
+    chars = max_tokens - VERDICT_BOX_CHARS
+    if chars < 0:
+        raise ValueError(f"a constrained verdict needs at least {VERDICT_BOX_CHARS} tokens, got {max_tokens}")
+    return rf"[ -\[\]-~\n]{{0,{chars}}}\\boxed\{{[12]\}}"
 
 
 # -- parsers ---------------------------------------------------------------------------------------------
@@ -228,20 +257,27 @@ def judge(
     temperature: float = 0.0,
     tenant: str = "",
     system_prompt: str = SYSTEM_PROMPT,
+    constrained: bool = True,
     **sampling: Any,
 ) -> JudgeResult:
-    """Run both turns in one conversation, which is ended (its server KV freed) however this returns."""
+    """Run both turns in one conversation, which is ended (its server KV freed) however this returns.
+
+    `constrained` (default) has the server enforce both turns' formats (`analysis_regex`,
+    `verdict_regex`); the parsers stay strict either way.
+    """
     first = analysis_prompt(pair)
+    first_format = {"regex": analysis_regex()} if constrained else {}
+    second_format = {"regex": verdict_regex(verdict_tokens)} if constrained else {}
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     with client.conversation(tenant=tenant, system_prompt=system_prompt, temperature=temperature, **sampling) as conv:
         start = time.perf_counter()
-        analysis = conv.send(first, max_tokens=analysis_tokens, stop=[STOP_MARKER])
+        analysis = conv.send(first, max_tokens=analysis_tokens, stop=[STOP_MARKER], **first_format)
         analysis_s = time.perf_counter() - start
         dimensions = parse_dimensions(analysis.text)
         second = verdict_prompt(dimensions.chosen)
         start = time.perf_counter()
         ttft = 0.0
-        for chunk in conv.stream(second, max_tokens=verdict_tokens):
+        for chunk in conv.stream(second, max_tokens=verdict_tokens, **second_format):
             if not ttft and chunk.token_ids:
                 ttft = time.perf_counter() - start
         rethink = conv.turns[-1]

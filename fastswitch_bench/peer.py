@@ -32,7 +32,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -95,10 +95,37 @@ def _quiet_transformers() -> Iterator[None]:
         cb_logger.setLevel(old_cb)
 
 
-def load_model(model_dir: str | os.PathLike) -> torch.nn.Module:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def peer_dtype(dtype: str | None) -> torch.dtype:
+    """The torch dtype for a `--dtype` value. The peer runs on the CPU, where `auto` (or none given)
+    means fp32, as it does for the executor."""
+    if dtype in (None, "auto"):
+        return torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model_dir: str | os.PathLike, dtype: str | None = None, load_format: str | None = None
+) -> torch.nn.Module:
+    """The model as the executor loads it: `dtype` as `--dtype`; `load_format="dummy"` builds random
+    weights (seeded) from the directory's config.json instead of reading weights, as `--load-format dummy`."""
     _setup_torch()
+    if load_format not in (None, "auto", "dummy"):
+        raise ValueError(f"unknown load format {load_format!r}; choose from auto, dummy")
     with _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=torch.float32)
+        if load_format == "dummy":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(os.fspath(model_dir))
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = AutoModelForCausalLM.from_config(config, dtype=peer_dtype(dtype))
+        else:
+            model = AutoModelForCausalLM.from_pretrained(os.fspath(model_dir), dtype=peer_dtype(dtype))
     model.eval()
     return model
 
@@ -111,13 +138,17 @@ def _generation_config(max_new_tokens: int, ignore_eos: bool, model: torch.nn.Mo
     return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
 
 
+# transformers 5.24 names the tokens per cache page `page_size`; earlier 5.x (5.17) named it `block_size`.
+_PAGE = "page_size" if "page_size" in {f.name for f in fields(ContinuousBatchingConfig)} else "block_size"
+
+
 def workload_cb_config(prompts: list[list[int]], max_new_tokens: int, page_size: int = 256) -> ContinuousBatchingConfig:
     """A paged cache just big enough for every request at once, and a token budget that prefills all
     prompts in one step (instead of the memory-derived defaults, which are huge on CPU)."""
     num_blocks = sum(math.ceil((len(p) + max_new_tokens) / page_size) for p in prompts) + 1
     max_batch_tokens = max(page_size, sum(len(p) for p in prompts))
     return ContinuousBatchingConfig(
-        page_size=page_size,
+        **{_PAGE: page_size},
         num_blocks=num_blocks,
         max_batch_tokens=max_batch_tokens,
         max_requests_per_batch=len(prompts),
@@ -300,7 +331,7 @@ def run_transformers_cb_conversations(
         for conv in conversations
     ]
     cb_config = ContinuousBatchingConfig(
-        page_size=page_size,
+        **{_PAGE: page_size},
         num_blocks=sum(math.ceil(b / page_size) for b in bounds) + 2,
         max_batch_tokens=max(max_batch_tokens, page_size),
         max_requests_per_batch=len(conversations),

@@ -45,12 +45,27 @@ async def serve(config: SchedulerConfig) -> None:
     engine = Engine(config, on_attached=host.set_serving)
     api_pb2_grpc.add_FastSwitchServicer_to_server(FastSwitchServicer(engine, host), host.server)
 
+    metrics_server = None
+
     async def ready() -> None:
+        nonlocal metrics_server
         await engine.start(await asyncio.to_thread(load_tokenizer, config.model))
+        if config.metrics_port:
+            from prometheus_client import start_http_server
+
+            metrics_server, _ = start_http_server(
+                config.metrics_port, addr=config.host, registry=engine.metrics.registry
+            )
+            log.info("metrics_serving", port=config.metrics_port, path="/metrics")
+
+    async def stop() -> None:
+        if metrics_server is not None:
+            await asyncio.to_thread(metrics_server.shutdown)
+        await engine.stop()
 
     await host.run(
         ready=ready,
-        on_stop=engine.stop,
+        on_stop=stop,
         busy=lambda: bool(engine.live),
         drain_timeout_s=config.drain_timeout_s,
         serving_after_ready=False,  # the engine says SERVING while an executor is attached

@@ -1,19 +1,26 @@
-"""KV block allocation for the scheduler: integer block ids only, no torch.
+"""KV blocks for the scheduler: integer block ids only, no torch.
 
-The allocator prefers handing out contiguous runs of blocks so that a swap can move a request's
-blocks with one copy per run instead of one copy per block.
+`BlockAllocator` hands out block ids from one pool (the device's, or the swap daemon's host pool),
+preferring contiguous runs so that a swap can move a request's blocks with one copy per run instead
+of one copy per block. `BlockManager` is the device pool seen through requests' block tables: how
+many blocks a request's tokens need, growing its table, and which blocks the executor has not been
+told about yet.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scheduler_svc.sequence import Sequence
 
 
 @dataclass(frozen=True, slots=True)
-class BlockRun:
-    """Consecutive block ids `start .. start + length - 1`: one copy on swap."""
+class Extent:
+    """Consecutive block ids `start .. start + length - 1` of one pool: one copy on swap."""
 
     start: int
     length: int
@@ -91,21 +98,21 @@ class BlockAllocator:
         for run in self.runs(sorted(seen)):
             self._release(run.start, run.length)
 
-    def free_runs(self) -> list[BlockRun]:
+    def free_runs(self) -> list[Extent]:
         """The current free extents, sorted by start."""
-        return [BlockRun(start, self._lengths[start]) for start in self._starts]
+        return [Extent(start, self._lengths[start]) for start in self._starts]
 
     def largest_free_run(self) -> int:
         return self._by_size[-1][0] if self._by_size else 0
 
     @staticmethod
-    def runs(blocks: Sequence[int]) -> list[BlockRun]:
+    def runs(blocks: list[int]) -> list[Extent]:
         """Coalesce a block table, in table order, into maximal runs of consecutive ids."""
-        result: list[BlockRun] = []
+        result: list[Extent] = []
         run_start = 0
         for i in range(1, len(blocks) + 1):
             if i == len(blocks) or blocks[i] != blocks[i - 1] + 1:
-                result.append(BlockRun(blocks[run_start], i - run_start))
+                result.append(Extent(blocks[run_start], i - run_start))
                 run_start = i
         return result
 
@@ -148,3 +155,64 @@ class BlockAllocator:
         del self._by_size[bisect_left(self._by_size, (length, start))]
         self._num_free -= length
         return length
+
+
+class BlockManager:
+    """The device pool and the block tables that use it.
+
+    A request owns blocks for its first `num_computed + n` tokens before a step computes n of them;
+    blocks join the end of its table (contiguous after its last block when they can). The executor
+    learns a table as a diff: the trailing `unsent_blocks` of a table are sent with the next chunk.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self.allocator = BlockAllocator(num_blocks)
+        self.block_size = block_size
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.allocator.num_free
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks that hold the KV of `num_tokens` tokens."""
+        return -(-num_tokens // self.block_size)
+
+    def shortfall(self, seq: Sequence, n: int) -> int:
+        """Blocks seq lacks to compute its next n tokens (<= 0: it has enough)."""
+        return self.blocks_for(seq.num_computed + n) - len(seq.block_table)
+
+    def reserve(self, seq: Sequence, n: int) -> bool:
+        """Make sure seq owns blocks for its first num_computed + n tokens; False if the pool is short."""
+        needed = self.shortfall(seq, n)
+        if needed <= 0:
+            return True
+        blocks = self.allocator.allocate(needed, after=seq.block_table[-1] if seq.block_table else None)
+        if blocks is None:
+            return False
+        seq.block_table.extend(blocks)
+        seq.unsent_blocks += len(blocks)
+        return True
+
+    def take_unsent(self, seq: Sequence) -> list[int]:
+        """The blocks of seq's table the executor has not been sent yet (now counted as sent)."""
+        unsent, seq.unsent_blocks = seq.unsent_blocks, 0
+        return seq.block_table[len(seq.block_table) - unsent :] if unsent else []
+
+    def allocate(self, n: int) -> list[int] | None:
+        return self.allocator.allocate(n)
+
+    def free(self, blocks: Iterable[int]) -> None:
+        self.allocator.free(blocks)
+
+    def release(self, seq: Sequence) -> None:
+        """Free seq's whole block table."""
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.unsent_blocks = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from scheduler_svc.vtc import check_prices
 from svc_common.settings import (
     bind_host_setting,
     drain_timeout_setting,
@@ -13,6 +14,7 @@ from svc_common.settings import (
     tls_key_setting,
     validate_tls,
 )
+from svc_common.swap import Granularity
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
@@ -65,8 +67,8 @@ class SchedulerConfig:
         help="seconds an idle conversation's KV and history are kept",
     )  # fmt: skip
     max_conversations: int = setting(
-        10000, env="FASTSWITCH_MAX_CONVERSATIONS",
-        help="conversations kept at once; a new one beyond it pushes out the least recently used idle one",
+        10_000, env="FASTSWITCH_MAX_CONVERSATIONS",
+        help="conversations kept at once (history and KV); the least recently used idle one goes first",
     )  # fmt: skip
     conversation_host_blocks: int = setting(
         0, env="FASTSWITCH_CONVERSATION_HOST_BLOCKS",
@@ -88,6 +90,14 @@ class SchedulerConfig:
     )  # fmt: skip
     vtc_prompt_price: float = setting(1.0, env="FASTSWITCH_VTC_PROMPT_PRICE", help="VTC service per prompt token")
     vtc_gen_price: float = setting(2.0, env="FASTSWITCH_VTC_GEN_PRICE", help="VTC service per generated token")
+    metrics_port: int = setting(
+        0, env="FASTSWITCH_METRICS_PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (0: off; the HTTP front's /metrics has them too)",
+    )  # fmt: skip
+    metrics_tenants: int = setting(
+        16, env="FASTSWITCH_METRICS_TENANTS",
+        help="tenants with a metrics label of their own (the first ones served); later ones count as 'other'",
+    )  # fmt: skip
     tenant_weights: dict[str, float] = setting(
         default_factory=dict, flag="--tenant-weight", env="FASTSWITCH_TENANT_WEIGHTS", item=_tenant_weight,
         metavar="TENANT=WEIGHT", help="VTC weight of a tenant (default 1)",
@@ -117,8 +127,8 @@ class SchedulerConfig:
     )  # fmt: skip
 
     @property
-    def copy_granularity(self) -> str:
-        return "run" if self.block_groups and self.preemption != "vllm-like" else "block_layer"
+    def copy_granularity(self) -> Granularity:
+        return Granularity.RUN if self.block_groups and self.preemption != "vllm-like" else Granularity.BLOCK_LAYER
 
     @property
     def swaps_stall(self) -> bool:
@@ -148,10 +158,17 @@ class SchedulerConfig:
             raise ValueError(f"priority update probability must be in [0, 1], got {self.priority_update_prob}")
         if self.priority_levels < 1:
             raise ValueError(f"priority levels must be >= 1, got {self.priority_levels}")
-        if self.max_conversations <= 0:
-            raise ValueError(f"max conversations must be > 0, got {self.max_conversations}")
+        if self.conversation_ttl_s <= 0:
+            raise ValueError(f"conversation TTL must be > 0 seconds, got {self.conversation_ttl_s}")
+        if self.max_conversations < 1:
+            raise ValueError(f"max conversations must be >= 1, got {self.max_conversations}")
+        check_prices(self.vtc_prompt_price, self.vtc_gen_price, self.tenant_weights)
         if self.conversation_host_blocks < 0:
             raise ValueError(f"conversation host blocks must be >= 0, got {self.conversation_host_blocks}")
+        if not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics port out of range: {self.metrics_port}")
+        if self.metrics_tenants < 0:
+            raise ValueError(f"metrics tenants must be >= 0, got {self.metrics_tenants}")
         if not self.executor_addr:
             raise ValueError("executor address is required")
         validate_tls(self.tls_cert, self.tls_key)

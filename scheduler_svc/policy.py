@@ -7,10 +7,15 @@ let fair-share policies count service; a new policy is one class here.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from scheduler_svc.sequence import Sequence
+from scheduler_svc.vtc import VirtualTokenCounter
+
+if TYPE_CHECKING:
+    from scheduler_svc.config import SchedulerConfig
 
 
 class Policy(Protocol):
@@ -53,16 +58,15 @@ class StrictPriority(FCFS):
         return sorted(seqs, key=lambda s: (-s.priority, s.arrival))
 
 
-def make_policy(name: str, **options: object) -> Policy:
-    if name == "fcfs":
+def make_policy(config: SchedulerConfig) -> Policy:
+    """The policy `config.policy` names, built with its options from the config (the one place)."""
+    if config.policy == "fcfs":
         return FCFS()
-    if name == "priority":
+    if config.policy == "priority":
         return StrictPriority()
-    if name == "vtc":
-        from scheduler_svc.vtc import VirtualTokenCounter
-
-        return VirtualTokenCounter(**options)  # type: ignore[arg-type]
-    raise ValueError(f"unknown policy {name!r}: choose fcfs, priority or vtc")
+    if config.policy == "vtc":
+        return VirtualTokenCounter(config.vtc_prompt_price, config.vtc_gen_price, config.tenant_weights or None)
+    raise ValueError(f"unknown policy {config.policy!r}: choose fcfs, priority or vtc")
 
 
 class PriorityUpdates:
@@ -73,8 +77,6 @@ class PriorityUpdates:
     """
 
     def __init__(self, pattern: str, prob: float, levels: int, seed: int = 0) -> None:
-        import random
-
         self.pattern = pattern
         self.prob = prob
         self.levels = levels

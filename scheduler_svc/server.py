@@ -13,9 +13,11 @@ import structlog
 
 from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
 from scheduler_svc.engine import Engine, GenerateInput
-from scheduler_svc.sequence import Finish
+from scheduler_svc.grammar import OutputConstraint
+from scheduler_svc.sequence import Finish, Sequence
 from svc_common import auth
-from svc_common.errors import Unavailable
+from svc_common.errors import PermissionDeniedError, Unavailable
+from svc_common.model_source import model_name
 from svc_common.plan import Sampling
 from svc_common.server import ServiceHost
 
@@ -35,16 +37,15 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
         self.engine = engine
         self.host = host  # None in tests that drive the servicer alone
 
-    async def Generate(
-        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[api_pb2.GenerateResponse]:
+    async def _submit(self, request: api_pb2.GenerateRequest, tenant: str) -> Sequence:
         if self.host is not None and self.host.draining:
             raise Unavailable("the server is shutting down and takes no new requests; retry on another replica")
         principal = auth.current_principal.get()
-        tenant = auth.tenant_for(principal, request.tenant)
         auth.check_priority(principal, request.priority)
         auth.check_live_requests(principal, self.engine.live_count(tenant))
-        seq = self.engine.submit(
+        constraint = OutputConstraint.from_proto(request)
+        await self.engine.compile_constraint(constraint)  # off the event loop; INVALID_ARGUMENT if it fails
+        return self.engine.submit(
             GenerateInput(
                 prompt=request.prompt,
                 max_tokens=request.max_tokens,
@@ -57,8 +58,20 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
                 conversation_id=request.conversation_id,
                 system_prompt=request.system_prompt,
                 request_id=request.request_id,
+                constraint=constraint,
+                messages=[{"role": m.role, "content": m.content} for m in request.messages],
             )
         )
+
+    async def Generate(
+        self, request: api_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[api_pb2.GenerateResponse]:
+        tenant = auth.tenant_for(auth.current_principal.get(), request.tenant)
+        try:
+            seq = await self._submit(request, tenant)
+        except Exception:
+            self.engine.metrics.on_rejected(tenant)  # counted by outcome; the interceptor maps it
+            raise
         structlog.contextvars.bind_contextvars(request_id=seq.request_id, tenant=seq.tenant)
         # Admitted: headers now, so a client's retry policy never re-sends a request the server took
         # (retries are for refusals such as draining, before any header).
@@ -73,6 +86,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
             )
             if chunk.finish is not None:
                 response.finish_reason = FINISH_TO_PROTO[chunk.finish]
+                response.phases.CopyFrom(api_pb2.RequestPhases(**chunk.phases))
             if first:
                 response.prompt_tokens = seq.num_prompt
                 response.reused_prefix_tokens = seq.reused_tokens
@@ -122,3 +136,24 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
         else:
             counters = self.engine.tenant_counters(principal.tenant)
         return api_pb2.GetStatsResponse(counters=counters, tenants=tenants)
+
+    async def DescribeModel(
+        self, request: api_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.DescribeModelResponse:
+        info = self.engine.link.info
+        if info is None:
+            raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
+        return api_pb2.DescribeModelResponse(
+            model=model_name(self.engine.config.model),
+            max_model_len=info.max_model_len,
+            kv_capacity_tokens=info.num_blocks * info.block_size,
+            policy=self.engine.config.policy,
+        )
+
+    async def GetMetrics(
+        self, request: api_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.GetMetricsResponse:
+        principal = auth.current_principal.get()
+        if principal is not None and not principal.admin:
+            raise PermissionDeniedError("the metrics cover every tenant: they need an admin key")
+        return api_pb2.GetMetricsResponse(text=self.engine.metrics.exposition().decode())

@@ -13,18 +13,19 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-from scheduler_svc.sequence import Sequence, Status
+from scheduler_svc.sequence import RequestState, Sequence
 
 
-@dataclass(slots=True)
-class TenantService:
-    """One tenant's account: the virtual counter that ranks it, and the raw tokens behind it."""
-
-    counter: float = 0.0  # weighted-token units: (prompt_price*prompt + gen_price*generated) / weight
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
+def check_prices(prompt_price: float, gen_price: float, weights: dict[str, float]) -> None:
+    """Raise ValueError unless every price and weight is a finite number > 0."""
+    if not (prompt_price > 0 and math.isfinite(prompt_price)):
+        raise ValueError(f"VTC prompt price must be a finite number > 0, got {prompt_price!r}")
+    if not (gen_price > 0 and math.isfinite(gen_price)):
+        raise ValueError(f"VTC generation price must be a finite number > 0, got {gen_price!r}")
+    for tenant, weight in weights.items():
+        if not (weight > 0 and math.isfinite(weight)):
+            raise ValueError(f"weight of tenant {tenant!r} must be a finite number > 0, got {weight!r}")
 
 
 class VirtualTokenCounter:
@@ -50,17 +51,13 @@ class VirtualTokenCounter:
     def __init__(
         self, prompt_price: float = 1.0, gen_price: float = 2.0, weights: dict[str, float] | None = None
     ) -> None:
-        if not (prompt_price > 0 and math.isfinite(prompt_price)):
-            raise ValueError(f"prompt price must be a finite number > 0, got {prompt_price!r}")
-        if not (gen_price > 0 and math.isfinite(gen_price)):
-            raise ValueError(f"generation price must be a finite number > 0, got {gen_price!r}")
-        for tenant, weight in (weights or {}).items():
-            if not (weight > 0 and math.isfinite(weight)):
-                raise ValueError(f"weight of tenant {tenant!r} must be a finite number > 0, got {weight!r}")
+        check_prices(prompt_price, gen_price, weights or {})
         self.prompt_price = float(prompt_price)
         self.gen_price = float(gen_price)
         self.weights: dict[str, float] = dict(weights or {})
-        self._tenants: dict[str, TenantService] = {}
+        # tenant -> virtual counter, in weighted-token units: (prompt_price*prompt + gen_price*generated) / weight.
+        # (The raw tokens behind it are the scheduler's statistics: `scheduler_svc.stats`.)
+        self._counters: dict[str, float] = {}
 
     # -- Policy protocol --------------------------------------------------------------------------
 
@@ -87,20 +84,16 @@ class VirtualTokenCounter:
         live_tenants = {s.tenant for s in live if not s.finished}
         if seq.tenant in live_tenants:
             return  # still backlogged: its counter is already in the race
-        account = self._tenants.get(seq.tenant)
         active = [self.service(t) for t in live_tenants]
         floor = min(active) if active else 0.0
-        if account is None:
-            self._tenants[seq.tenant] = TenantService(counter=floor)
+        if seq.tenant not in self._counters:
+            self._counters[seq.tenant] = floor
         elif active:
-            account.counter = max(account.counter, floor)
+            self._counters[seq.tenant] = max(self._counters[seq.tenant], floor)
 
     def on_served(self, seq: Sequence, prompt_tokens: int, generated_tokens: int) -> None:
-        account = self._tenants.setdefault(seq.tenant, TenantService())
-        account.prompt_tokens += prompt_tokens
-        account.generated_tokens += generated_tokens
         cost = self.prompt_price * prompt_tokens + self.gen_price * generated_tokens
-        account.counter += cost / self.weight(seq.tenant)
+        self._counters[seq.tenant] = self.service(seq.tenant) + cost / self.weight(seq.tenant)
 
     # -- stats ------------------------------------------------------------------------------------
 
@@ -109,23 +102,17 @@ class VirtualTokenCounter:
 
     def service(self, tenant: str) -> float:
         """The tenant's virtual counter in weighted-token units (0 for a tenant never seen)."""
-        account = self._tenants.get(tenant)
-        return account.counter if account is not None else 0.0
+        return self._counters.get(tenant, 0.0)
 
     def tenant_service(self) -> dict[str, float]:
-        return {tenant: account.counter for tenant, account in self._tenants.items()}
-
-    def tenant_stats(self) -> dict[str, TenantService]:
-        return {
-            tenant: TenantService(a.counter, a.prompt_tokens, a.generated_tokens) for tenant, a in self._tenants.items()
-        }
+        return dict(self._counters)
 
     def _entry(
         self, tenant: str, queue: list[Sequence], i: int, projected: float
     ) -> tuple[float, float, str, int, float]:
         """Heap entry ranking queue[i]: a request not yet running pays its next chunk up front."""
         seq = queue[i]
-        key = projected if seq.status is Status.RUNNING else projected + self._next_cost(seq)
+        key = projected if seq.state is RequestState.RUNNING else projected + self._next_cost(seq)
         return (key, seq.arrival, tenant, i, projected)
 
     def _next_cost(self, seq: Sequence) -> float:

@@ -64,6 +64,7 @@ class ScheduledChunk:
     start_position: int
     new_block_ids: list[int]
     sample: bool
+    token_bitmask: bytes = b""  # structured output: tokens the grammar allows next, as bits (empty: all)
 
 
 @dataclass(slots=True)
@@ -91,6 +92,7 @@ class StepPlan:
                     start_position=c.start_position,
                     new_block_ids=c.new_block_ids,
                     sample=c.sample,
+                    token_bitmask=c.token_bitmask,
                 )
                 for c in self.chunks
             ],
@@ -103,7 +105,9 @@ class StepPlan:
             step_id=msg.step_id,
             new_requests=[NewRequest(r.request_id, Sampling.from_proto(r.sampling)) for r in msg.new_requests],
             chunks=[
-                ScheduledChunk(c.request_id, list(c.token_ids), c.start_position, list(c.new_block_ids), c.sample)
+                ScheduledChunk(
+                    c.request_id, list(c.token_ids), c.start_position, list(c.new_block_ids), c.sample, c.token_bitmask
+                )
                 for c in msg.chunks
             ],
             released_request_ids=list(msg.released_request_ids),

@@ -16,6 +16,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from executor_svc.config import ExecutorConfig
+from openai_svc.config import HttpConfig
 from scheduler_svc.config import SchedulerConfig
 from svc_common.server import dial_host, sync_channel
 from svc_common.settings import add_arguments, field_names, setting, to_argv
@@ -40,10 +43,14 @@ class StackConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     swapd: SwapDaemonConfig | None = field(default_factory=SwapDaemonConfig)  # None: no swap daemon
+    http: HttpConfig = field(default_factory=HttpConfig)  # started when http_port is set
     host: str = setting(
         "127.0.0.1", env="FASTSWITCH_HOST", help="address the services bind (0.0.0.0 or ::: every interface)"
     )
     executors: int = setting(1, env="FASTSWITCH_EXECUTORS", help="executor nodes (executor + swap daemon) to start")
+    http_port: int = setting(
+        0, env="FASTSWITCH_HTTP_PORT", help="also serve the OpenAI-compatible HTTP API and /metrics here (0: off)"
+    )
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -58,6 +65,7 @@ class StackConfig:
         preemption) starts no swap daemon."""
         own = field_names(cls) | {"extra_env"}
         parts: dict[type, dict[str, Any]] = {SchedulerConfig: {}, ExecutorConfig: {}, SwapDaemonConfig: {}}
+        parts[HttpConfig] = {}
         unknown = []
         for name, value in values.items():
             targets = [t for t in parts if name in field_names(t) and (name != "port" or t is SchedulerConfig)]
@@ -72,7 +80,11 @@ class StackConfig:
         if parts[SwapDaemonConfig].get("host_blocks", 1) > 0 and scheduler.preemption != "recompute":
             swapd = SwapDaemonConfig(**parts[SwapDaemonConfig])
         config = cls(
-            scheduler, ExecutorConfig(**parts[ExecutorConfig]), swapd, **{k: v for k, v in values.items() if k in own}
+            scheduler,
+            ExecutorConfig(**parts[ExecutorConfig]),
+            swapd,
+            HttpConfig(**parts[HttpConfig]),
+            **{k: v for k, v in values.items() if k in own},
         )
         for part in (config.scheduler, config.executor, config.swapd):
             if part is not None:
@@ -87,16 +99,20 @@ class StackConfig:
         add_arguments(parser, SchedulerConfig, exclude={"executor_addr", "swapd_addr"})
         add_arguments(parser, ExecutorConfig, exclude={"port"})
         add_arguments(parser, SwapDaemonConfig, exclude={"port"})
+        add_arguments(parser, HttpConfig, exclude={"port", "bind", "scheduler_addr"})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StackConfig:
         names = field_names(SchedulerConfig) | field_names(ExecutorConfig) | field_names(SwapDaemonConfig)
-        names |= field_names(cls)
+        names |= (field_names(HttpConfig) - {"port"}) | field_names(cls)
         return cls.build(**{n: getattr(args, n) for n in names if hasattr(args, n)})
 
     def validate(self) -> None:
         self.scheduler.validate()
         self.executor.validate()
+        self.http.validate()
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"HTTP port out of range: {self.http_port}")
         if self.executors != 1:
             raise ValueError("this version drives exactly one executor (--executors 1)")
 
@@ -126,6 +142,31 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def wait_http_healthy(
+    url: str, timeout_s: float, procs: list[subprocess.Popen[bytes]] | None = None, log_dir: str | None = None
+) -> None:
+    """Block until GET url answers 200; raise if a process dies first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        _check_alive(procs, log_dir)
+        try:
+            with urllib.request.urlopen(url, timeout=2.0) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not healthy after {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def _check_alive(procs: list[subprocess.Popen[bytes]] | None, log_dir: str | None) -> None:
+    for p in procs or []:
+        if p.poll() is not None:
+            where = f"; its log is in {log_dir}" if log_dir else ""
+            raise RuntimeError(f"{' '.join(map(str, p.args))} exited with code {p.returncode}{where}")
+
+
 def wait_healthy(
     addr: str,
     timeout_s: float,
@@ -138,10 +179,7 @@ def wait_healthy(
     with sync_channel(addr, tls_ca) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
-            for p in procs or []:
-                if p.poll() is not None:
-                    where = f"; its log is in {log_dir}" if log_dir else ""
-                    raise RuntimeError(f"{' '.join(map(str, p.args))} exited with code {p.returncode}{where}")
+            _check_alive(procs, log_dir)
             try:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -163,7 +201,7 @@ class Restart:
 
 
 class Stack:
-    """The scheduler, one executor and one swap daemon as child processes."""
+    """The scheduler, one executor and one swap daemon as child processes (and the HTTP front, with http_port)."""
 
     BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after the 1st, 2nd, ... death in a row
     HEALTHY_RESET_S = 60.0  # a service up this long has its backoff reset
@@ -184,6 +222,11 @@ class Stack:
     def addr(self) -> str:
         return f"{dial_host(self.config.host)}:{self.config.port}"
 
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP front's base URL (`.../v1` is the OpenAI API), or None when it is off."""
+        return f"http://{dial_host(self.config.host)}:{self.config.http_port}" if self.config.http_port else None
+
     def commands(self) -> dict[str, list[str]]:
         """Each service's command line, derived from its config."""
         c = self.config
@@ -199,6 +242,9 @@ class Stack:
             scheduler.swapd_addr = f"{near}:{swapd.port}"
             cmds["swapd"] = [py, "-m", "swap_daemon", *to_argv(swapd)]
         cmds["scheduler"] = [py, "-m", "scheduler_svc", *to_argv(scheduler)]
+        if c.http_port:
+            http = dataclasses.replace(c.http, port=c.http_port, bind=c.host, scheduler_addr=f"{near}:{c.port}")
+            cmds["http"] = [py, "-m", "openai_svc", *to_argv(http)]
         return cmds
 
     def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
@@ -218,6 +264,8 @@ class Stack:
                 self.names.append(name)
                 self.procs.append(proc)
             wait_healthy(self.addr, timeout_s, self.procs, self.log_dir, self.config.tls_ca)
+            if self.http_url:
+                wait_http_healthy(f"{self.http_url}/health", timeout_s, self.procs, self.log_dir)
         except BaseException:
             self.stop()
             raise
@@ -251,13 +299,15 @@ class Stack:
         return made
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """SIGTERM the scheduler first and let it drain (its live requests finish: they need the
-        executor and the swap daemon), then the others."""
+        """SIGTERM the HTTP front, then the scheduler, and let each drain (live requests finish: they
+        need the services behind), then the others."""
         if timeout_s is None:
             timeout_s = self.config.scheduler.drain_timeout_s + 15.0
         deadline = time.monotonic() + timeout_s
-        order = sorted(range(len(self.procs)), key=lambda i: self.names[i] != "scheduler")
-        for group in (order[:1], order[1:]):
+        fronts = ("http", "scheduler")
+        groups = [[i for i, n in enumerate(self.names) if n == front] for front in fronts]
+        groups.append([i for i, n in enumerate(self.names) if n not in fronts])
+        for group in groups:
             for i in group:
                 if self.procs[i].poll() is None:
                     self.procs[i].send_signal(signal.SIGTERM)
@@ -273,6 +323,13 @@ class Stack:
             f.close()  # type: ignore[attr-defined]
         self._logs = []
 
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def _unlink_kv_pool(pid: int) -> None:
     """The executor's KV pool is named after its pid (executor_svc/kv_pool.py)."""
@@ -280,10 +337,3 @@ def _unlink_kv_pool(pid: int) -> None:
         os.unlink(f"/dev/shm/fastswitch-kv-{pid}")
     except OSError:
         pass
-
-    def __enter__(self) -> Stack:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -17,7 +17,6 @@ server runs it in a worker thread, never on the event loop.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import threading
 import time
@@ -30,6 +29,7 @@ import numpy as np
 import structlog
 
 from svc_common.errors import FailedPrecondition, InvalidArgument
+from svc_common.swap import BlockRun, Direction, Granularity
 from swap_daemon import pools
 
 log = structlog.get_logger(__name__)
@@ -38,26 +38,6 @@ log = structlog.get_logger(__name__)
 PARALLEL_MIN_BYTES = 4 << 20
 # Slices handed to different workers start on this boundary (keeps memcpy on aligned cache lines).
 SLICE_ALIGN = 4096
-
-
-class Direction(enum.Enum):
-    OUT = "out"  # device pool -> host pool
-    IN = "in"  # host pool -> device pool
-
-
-class Granularity(enum.Enum):
-    RUN = "run"
-    BLOCK = "block"
-    BLOCK_LAYER = "block_layer"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRun:
-    """`num_blocks` consecutive blocks at `device_start` on the device and `host_start` on the host."""
-
-    device_start: int
-    host_start: int
-    num_blocks: int
 
 
 @dataclass(frozen=True, slots=True)

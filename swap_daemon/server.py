@@ -17,34 +17,20 @@ import structlog
 
 from fastswitch.v1 import swap_pb2, swap_pb2_grpc
 from svc_common.errors import InvalidArgument, Unavailable
-from swap_daemon.copier import (
-    AttachSpec,
-    BlockRun,
-    CopyEngine,
-    Direction,
-    Granularity,
-    SwapRejected,
-)
+from svc_common.swap import BlockRun, Direction, Granularity
+from swap_daemon.copier import AttachSpec, CopyEngine, SwapRejected
 
 log = structlog.get_logger(__name__)
 
-_DIRECTIONS = {swap_pb2.SWAP_DIRECTION_OUT: Direction.OUT, swap_pb2.SWAP_DIRECTION_IN: Direction.IN}
-_GRANULARITIES = {
-    swap_pb2.COPY_GRANULARITY_UNSPECIFIED: Granularity.RUN,  # the default: one copy per block group
-    swap_pb2.COPY_GRANULARITY_RUN: Granularity.RUN,
-    swap_pb2.COPY_GRANULARITY_BLOCK: Granularity.BLOCK,
-    swap_pb2.COPY_GRANULARITY_BLOCK_LAYER: Granularity.BLOCK_LAYER,
-}
-
 
 def _to_domain(cmd: swap_pb2.SwapCommand) -> tuple[Direction, list[BlockRun], Granularity]:
-    direction = _DIRECTIONS.get(cmd.direction)
+    direction = Direction.from_proto(cmd.direction)
     if direction is None:
         raise SwapRejected(f"direction must be OUT or IN, got {cmd.direction}")
-    granularity = _GRANULARITIES.get(cmd.granularity)
+    granularity = Granularity.from_proto(cmd.granularity)
     if granularity is None:
         raise SwapRejected(f"unknown granularity {cmd.granularity}")
-    runs = [BlockRun(r.device_start, r.host_start, r.num_blocks) for r in cmd.runs]
+    runs = [BlockRun.from_proto(r) for r in cmd.runs]
     return direction, runs, granularity
 
 
@@ -163,7 +149,7 @@ class _SwapStream:
         log.debug(
             "swap",
             swap_id=done.swap_id,
-            direction=getattr(_DIRECTIONS.get(cmd.direction), "value", cmd.direction),
+            direction=getattr(Direction.from_proto(cmd.direction), "value", cmd.direction),
             ok=done.ok,
             error=done.error or None,
             bytes=done.bytes,

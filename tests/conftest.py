@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -31,6 +33,30 @@ PROMPTS = [
 
 # A near-tie: the reference's top-2 logit gap at the first differing position is below this.
 NEAR_TIE_LOGIT_GAP = 0.05
+
+
+class FakeClock:
+    """The scheduler's clock (request phases, conversation TTLs), moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr("scheduler_svc.sequence.clock", fake)
+    return fake
+
+
+def free_port() -> int:
+    """One free loopback port (the HTTP front's; free_port_base finds the gRPC services' three)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -99,9 +125,24 @@ def reference(model_dir: str, tokenizer) -> Reference:  # noqa: ANN001
     return Reference(model, tokenizer)
 
 
+def wait_idle(client: object, timeout_s: float = 30.0) -> dict[str, float]:
+    """The stack's stats once no request is live or queued and no copy is in flight; fails on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats()  # type: ignore[attr-defined]
+        busy = {k: stats.get(k, 0) for k in ("live_requests", "running", "waiting", "swaps_in_flight")}
+        if not any(busy.values()):
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the stack is still busy after {timeout_s:.0f}s: {busy}")
+        time.sleep(0.05)
+
+
 def start_stack(**overrides: object) -> Iterator[object]:
     from svc_common.stack import Stack, StackConfig
 
+    # Identity with generate() holds in fp32; on a GPU `auto` would pick bf16 (compared by agreement).
+    overrides.setdefault("dtype", "float32")
     config = StackConfig.build(port=free_port_base(), **overrides)
     log_dir = tempfile.mkdtemp(prefix="fastswitch-test-")
     stack = Stack(config, log_dir=log_dir)

@@ -1,49 +1,28 @@
-"""The benchmark harness: percentile maths, the per-mode summary, ratios vs vllm-like, the JSON schema,
-the Markdown report, each mode's stack settings, and a smoke run of the tiny preset."""
+"""A bench run end to end: its inputs checked before any stack starts, every output written, each
+request's phases kept in requests.json and the tails explained in results.md (against a fake server),
+and a smoke run of the tiny preset on the real model."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import math
-from dataclasses import asdict
+from types import SimpleNamespace
 
 import pytest
 
-from fastswitch_bench.runner import (
-    ALL_MODES,
-    PRESETS,
-    RATIO_KEYS,
-    RequestRecord,
-    add_ratios,
-    markdown,
-    parse_modes,
-    percentiles,
-    plot,
-    run,
-    stack_config,
-    summarise,
-    write_json,
-)
+from fastswitch.cli import build_parser
+from fastswitch_bench import replay as replay_module
+from fastswitch_bench.presets import PRESETS
+from fastswitch_bench.replay import PHASES
+from fastswitch_bench.report import markdown
+from fastswitch_bench.runner import main, run
 from fastswitch_bench.workload import generate
 
-CONTRACT_KEYS = {
+REPORTED_KEYS = {
     "ttft_p50", "ttft_p95", "ttft_p99", "ttft_p999", "tbt_p50", "tbt_p95", "tbt_p99", "tbt_p999",
-    "throughput_tok_s", "preemptions", "swap_bytes", "copy_calls", "swap_stall_s",
+    "throughput_tok_s", "preemptions", "swap_bytes", "copy_calls", "swap_stall_s", "generated_tokens", "wall_s",
+    "later_ttft_p50", "later_ttft_p99", "reused_prefix_tokens", "ratios_vs_vllm_like", "tails",
 }  # fmt: skip
-REPORTED_KEYS = CONTRACT_KEYS | {
-    "generated_tokens", "wall_s", "swap_out_bytes", "swap_in_bytes", "swap_stall_share", "recomputed_tokens",
-    "reused_prefix_tokens", "later_ttft_p50", "later_ttft_p99", "later_ttft_p999", "first_ttft_p50",
-    "first_ttft_p99", "ratios_vs_vllm_like",
-}  # fmt: skip
-
-
-def test_percentiles_interpolate_linearly_and_are_nan_when_empty() -> None:
-    values = [float(v) for v in range(1, 101)]  # 1..100
-    p = percentiles(values, "x")
-    assert p["x_p50"] == pytest.approx(50.5)
-    assert p["x_p99"] == pytest.approx(99.01)
-    assert p["x_p999"] == pytest.approx(99.901)
-    assert all(math.isnan(v) for v in percentiles([], "y").values())
 
 
 def test_unknown_modes_are_rejected_with_the_valid_names(tmp_path) -> None:
@@ -51,131 +30,145 @@ def test_unknown_modes_are_rejected_with_the_valid_names(tmp_path) -> None:
         run("tiny", ["warp-speed"], tmp_path)
 
 
-def test_no_modes_means_all_of_them_with_the_peer_last() -> None:
-    assert parse_modes(None) == list(ALL_MODES)
-    assert ALL_MODES == ("fastswitch", "no-groups", "no-async", "no-reuse", "vllm-like", "recompute", "transformers-cb")
-    assert parse_modes("transformers-cb,vllm-like, fastswitch") == ["fastswitch", "vllm-like", "transformers-cb"]
+def test_bench_flags_become_the_model_options(monkeypatch, tmp_path) -> None:
+    from fastswitch_bench import runner
+
+    seen = {}
+
+    def prepare(*args, options, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen["options"] = options
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(runner, "prepare", prepare)
+    argv = ["bench", "--model", "/m", "--dtype", "bfloat16", "--load-format", "dummy", "--executors", "2"]
+    assert main(build_parser().parse_args([*argv, "--out", str(tmp_path)])) == 2
+    assert seen["options"] == runner.ModelOptions("/m", "bfloat16", "dummy", 2)
+    monkeypatch.undo()
+    plain = build_parser().parse_args(["bench"])
+    assert (plain.model, plain.dtype, plain.load_format, plain.executors) == (None, None, None, None)  # not given
 
 
-def _records() -> list[RequestRecord]:
-    return [
-        RequestRecord("c0", 1, "t0", 1, tokens=3, ttft_s=1.0, tbt_s=[0.1, 0.2]),
-        RequestRecord("c0", 2, "t0", 1, tokens=3, ttft_s=2.0, tbt_s=[0.1, 0.3]),
-        RequestRecord("c1", 1, "t1", 0, tokens=2, ttft_s=4.0, tbt_s=[0.5]),
-        RequestRecord("c1", 2, "t1", 0, error="boom"),
-    ]
+def test_a_missing_model_is_an_error_before_anything_runs(tmp_path, capsys) -> None:
+    args = build_parser().parse_args(["bench", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out")])
+    assert main(args) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
-def test_summary_splits_first_and_later_turns_and_reads_missing_counters_as_zero() -> None:
-    counters = {"preemptions": 3, "swap_out_bytes": 100, "swap_in_bytes": 50, "swap_stall_s": 1.0, "copy_calls": 7}
-    s = summarise(_records(), wall_s=4.0, counters=counters)
-    assert s["first_ttft_p50"] == pytest.approx(2.5)  # turns 1: 1.0 and 4.0
-    assert s["later_ttft_p50"] == pytest.approx(2.0)  # turn 2 of c0 (c1's failed)
-    assert s["ttft_p50"] == pytest.approx(2.0)
-    assert s["tbt_p50"] == pytest.approx(0.2)
-    assert s["generated_tokens"] == 8 and s["throughput_tok_s"] == pytest.approx(2.0)
-    assert s["failed_requests"] == 1 and s["requests"] == 4
-    assert s["swap_bytes"] == 150 and s["swap_stall_share"] == pytest.approx(0.25)
-    assert s["reused_prefix_tokens"] == 0 and s["swap_out_bytes_saved"] == 0  # not reported by this server
-    assert set(s["tenants"]) == {"t0", "t1"} and s["tenants"]["t0"]["generated_tokens"] == 6
+class FakeServer:
+    """Stands in for `AsyncClient`: streams one token per chunk and sends the request's phases on the last.
+
+    Turn 2 of conversation SLOW_TTFT waits before its first token (and says it was preempted); turn 1 of
+    SLOW_GAP pauses once mid-stream (and says it waited for a swap-in). With `phases=False` it is a server
+    that predates phases."""
+
+    SLOW_TTFT, SLOW_GAP = "c0001", "c0002"
+    phases = True
+
+    def __init__(self, addr: str) -> None:
+        self.turns: dict[str, int] = {}
+
+    async def __aenter__(self) -> FakeServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def complete(self, prompt: str, **_: object) -> None:
+        return None
+
+    async def stats(self) -> dict[str, float]:
+        return {"preemptions": 0.0, "device_blocks_free": 12}
+
+    async def end_conversation(self, conversation_id: str, tenant: str = "") -> None:
+        return None
+
+    async def generate(self, prompt: str, *, conversation_id: str, max_tokens: int, **_: object):  # noqa: ANN201
+        turn = self.turns[conversation_id] = self.turns.get(conversation_id, 0) + 1
+        seconds = dict.fromkeys(PHASES, 0.0) | {"queued": 0.001, "prefill": 0.002, "decode": 0.001 * max_tokens}
+        if conversation_id.endswith(self.SLOW_TTFT) and turn == 2:
+            await asyncio.sleep(0.5)  # long enough that no scheduling hiccup of a loaded machine outdoes it
+            seconds["preempted"] = 0.5
+        for i in range(max_tokens):
+            if conversation_id.endswith(self.SLOW_GAP) and turn == 1 and i == 2:
+                await asyncio.sleep(0.4)
+                seconds["swap_in"] = 0.3
+            await asyncio.sleep(0)
+            yield SimpleNamespace(token_ids=[7], prompt_tokens=9, reused_prefix_tokens=0, phases=None)
+        yield SimpleNamespace(
+            token_ids=[], prompt_tokens=9, reused_prefix_tokens=0, phases=seconds if self.phases else None
+        )
 
 
-def test_ratios_vs_vllm_like_point_the_same_way_for_latency_and_throughput() -> None:
-    ours = summarise(_records(), 2.0, {})
-    theirs = summarise(_records(), 4.0, {})
-    theirs.update(ttft_p99=2 * ours["ttft_p99"], tbt_p999=ours["tbt_p999"] / 2)
-    modes = {"fastswitch": ours, "vllm-like": theirs}
-    add_ratios(modes)
-    r = ours["ratios_vs_vllm_like"]
-    assert set(r) == set(RATIO_KEYS)
-    assert r["ttft_p99"] == pytest.approx(2.0)  # twice as fast: 2x better
-    assert r["tbt_p999"] == pytest.approx(0.5)  # twice as slow
-    assert r["throughput_tok_s"] == pytest.approx(2.0)  # half the wall time for the same tokens
-    assert all(v == pytest.approx(1.0) for v in theirs["ratios_vs_vllm_like"].values() if v is not None)
+@pytest.fixture
+def tiny_workload(tmp_path) -> str:
+    """The tiny preset's workload cut by words, saved: a replay against a fake server needs no model at all."""
+    path = tmp_path / "tiny.json"
+    generate(PRESETS["tiny"].workload).save(path)
+    return str(path)
 
 
-def test_ratios_are_null_but_present_without_the_baseline() -> None:
-    modes = {"fastswitch": summarise(_records(), 2.0, {})}
-    add_ratios(modes)
-    assert set(modes["fastswitch"]["ratios_vs_vllm_like"]) == set(RATIO_KEYS)
-    assert all(v is None for v in modes["fastswitch"]["ratios_vs_vllm_like"].values())
+def test_requests_json_keeps_each_requests_phases_and_the_report_explains_the_tails(
+    tmp_path, monkeypatch, tiny_workload
+) -> None:
+    monkeypatch.setattr(replay_module, "AsyncClient", FakeServer)
+    results = run("tiny", ["fastswitch"], tmp_path, addr="fake:1", workload_path=tiny_workload, progress=False)
+    requests = json.loads((tmp_path / "requests.json").read_text())["fastswitch"]
+    assert len(requests) == results["workload"]["summary"]["requests"]
+    assert all(list(r["phases"]) == list(PHASES) for r in requests)
+    slow = next(r for r in requests if r["conversation"] == FakeServer.SLOW_TTFT and r["turn"] == 2)
+    assert slow["phases"]["preempted"] == 0.5
 
-
-def _results() -> dict:
-    workload = generate(PRESETS["tiny"].workload)
-    modes = {m: summarise(_records(), 3.0, {"preemptions": 1}) for m in ALL_MODES}
-    modes["recompute"] = summarise([], 1.0, {})  # no requests at all: NaN tails
-    add_ratios(modes)
-    return {"modes": modes, "workload": {"summary": workload.summary()}, "machine": {"cpu_count": 2}}
-
-
-def test_results_json_is_strict_json_with_stable_keys(tmp_path) -> None:
-    results = _results()
-    write_json(tmp_path / "r.json", results)
-
-    def no_nan(name: str) -> None:
-        raise AssertionError(f"{name} is not JSON")
-
-    saved = json.loads((tmp_path / "r.json").read_text(), parse_constant=no_nan)
-    assert set(saved) == {"modes", "workload", "machine"}
-    for mode in ALL_MODES:
-        assert REPORTED_KEYS <= set(saved["modes"][mode]), mode
-        assert set(saved["modes"][mode]["ratios_vs_vllm_like"]) == set(RATIO_KEYS)
-    assert saved["modes"]["recompute"]["ttft_p99"] is None
-
-
-def test_markdown_has_a_row_per_mode_in_each_of_its_three_tables() -> None:
-    results = _results()
-    text = markdown(results)
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
-    assert len(rows) == 3 * (1 + len(ALL_MODES))  # header + one row per mode, three tables
-    assert sum(line.startswith("| fastswitch |") for line in rows) == 3
-    assert "| recompute | - |" in text  # no data: a dash, not "nan"
-    assert "transformers-cb has no priorities" in text
-
-
-def test_plots_are_written(tmp_path) -> None:
+    tails = json.loads((tmp_path / "results.json").read_text())["modes"]["fastswitch"]["tails"]
+    assert (tails["ttft_p99"]["conversation"], tails["ttft_p99"]["turn"]) == (FakeServer.SLOW_TTFT, 2)
+    assert tails["ttft_p99"]["went_to"] == "preempted"
+    assert (tails["tbt_p999"]["conversation"], tails["tbt_p999"]["went_to"]) == (FakeServer.SLOW_GAP, "swap_in")
+    report = (tmp_path / "results.md").read_text()
+    assert f"| fastswitch | TTFT p99 | {FakeServer.SLOW_TTFT} turn 2 |" in report
+    rows = [line for line in report.splitlines() if line.startswith("| fastswitch | T")]
+    assert [row.rsplit(" | ", 1)[1] for row in rows] == ["**preempted** |", "**swap_in** |"]
     pytest.importorskip("matplotlib")
-    results = _results()
-    requests = {m: [asdict(r) for r in _records()] for m in ALL_MODES}
-    plot(results, requests, tmp_path)
-    for name in ("ttft_cdf.png", "tbt_cdf.png", "throughput.png"):
-        assert (tmp_path / name).stat().st_size > 1000, name
+    assert (tmp_path / "tail_phases.png").stat().st_size > 1000
 
 
-def test_each_stack_mode_switches_exactly_its_own_mechanism() -> None:
-    preset = PRESETS["small"]
-    workload = generate(preset.workload)
-
-    def flags(mode: str) -> tuple:
-        c = stack_config(mode, preset, workload).scheduler
-        return c.preemption, c.block_groups, c.async_swaps, c.kv_reuse
-
-    assert flags("fastswitch") == ("swap", True, True, True)
-    assert flags("no-groups") == ("swap", False, True, True)
-    assert flags("no-async") == ("swap", True, False, True)
-    assert flags("no-reuse") == ("swap", True, True, False)
-    assert flags("vllm-like")[0] == "vllm-like"
-    assert flags("recompute")[0] == "recompute"
-    c = stack_config("fastswitch", preset, workload)
-    assert (c.scheduler.policy, c.scheduler.priority_updates, c.scheduler.priority_update_prob) == (
-        "priority",
-        preset.workload.priority_updates,
-        preset.workload.priority_update_prob,
-    )
-    assert c.executor.device_blocks == preset.device_blocks
+def test_a_server_without_phases_leaves_them_null_and_the_report_says_so(tmp_path, monkeypatch, tiny_workload) -> None:
+    monkeypatch.setattr(replay_module, "AsyncClient", type("OldServer", (FakeServer,), {"phases": False}))
+    run("tiny", ["fastswitch"], tmp_path, addr="fake:1", workload_path=tiny_workload, progress=False)
+    requests = json.loads((tmp_path / "requests.json").read_text())["fastswitch"]
+    assert requests and all(r["phases"] is None for r in requests)
+    assert "No per-request phases from the server in fastswitch" in (tmp_path / "results.md").read_text()
 
 
-def test_small_preset_pool_cannot_hold_the_live_conversations() -> None:
-    """Preemption and swapping must happen: the conversations' final contexts far exceed the device pool."""
-    preset = PRESETS["small"]
-    w = generate(preset.workload)
-    per_turn_overhead = 5  # chat template tokens around each message
-    contexts = [
-        30 + sum(t.prompt_tokens + t.max_tokens + 2 * per_turn_overhead for t in c.turns) for c in w.conversations
-    ]
-    assert sum(contexts) > 2.5 * preset.device_blocks * preset.block_size
-    assert max(contexts) < preset.device_blocks * preset.block_size  # but each one fits on its own
+class HangingServer(FakeServer):
+    """Stops sending tokens in the middle of conversation SLOW_TTFT's first turn."""
+
+    async def generate(self, prompt: str, *, conversation_id: str, max_tokens: int, **kw: object):  # noqa: ANN201
+        async for chunk in super().generate(prompt, conversation_id=conversation_id, max_tokens=max_tokens, **kw):
+            yield chunk
+            if conversation_id.endswith(self.SLOW_TTFT):
+                await asyncio.sleep(3600)
+
+
+def test_the_watchdog_cuts_a_stalled_replay_short_and_the_report_says_so(tmp_path, monkeypatch, tiny_workload) -> None:
+    monkeypatch.setattr(replay_module, "AsyncClient", HangingServer)
+    results = run("tiny", ["fastswitch"], tmp_path, "fake:1", tiny_workload, progress=False, stall_timeout_s=0.5)
+    m = results["modes"]["fastswitch"]
+    assert m["stalled"] and "STALLED" in m["notes"]
+    requests = json.loads((tmp_path / "requests.json").read_text())["fastswitch"]
+    hung = [r for r in requests if r["conversation"] == HangingServer.SLOW_TTFT]
+    assert [(r["turn"], r["tokens"], r["error"][:8]) for r in hung] == [(1, 1, "stalled:")]
+    assert m["failed_requests"] == 1 and m["unfinished_requests"] == 2  # the hung turn and the one never sent
+    assert "the server stalled; replay cut short" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.model  # the default model's tokenizer
+def test_a_config_only_model_directory_borrows_the_default_tokenizer(tmp_path) -> None:
+    from fastswitch_bench.runner import load_tokenizer
+    from svc_common.model_source import resolve_model
+
+    (tmp_path / "config.json").write_text("{}")
+    tokenizer, name = load_tokenizer(tmp_path)
+    assert name == resolve_model(None).name and tokenizer("Hello")["input_ids"]
 
 
 @pytest.mark.model
@@ -191,11 +184,16 @@ def test_tiny_preset_runs_two_modes_and_writes_every_output(tmp_path) -> None:
         assert m["generated_tokens"] == expected_tokens, mode  # ignore_eos: every mode, the same tokens
         assert m["throughput_tok_s"] > 0 and m["later_ttft_p50"] is not None
     assert saved["modes"]["vllm-like"]["ratios_vs_vllm_like"]["ttft_p99"] == pytest.approx(1.0)
-    assert saved["modes"]["fastswitch"]["ratios_vs_vllm_like"]["ttft_p99"] > 0
+    ours, theirs = saved["modes"]["fastswitch"], saved["modes"]["vllm-like"]
+    assert ours["ratios_vs_vllm_like"]["ttft_p99"] == pytest.approx(theirs["ttft_p99"] / ours["ttft_p99"])
     assert saved["modes"]["fastswitch"]["reused_prefix_tokens"] > 0  # later turns reuse their conversation's KV
     assert saved["modes"]["vllm-like"]["reused_prefix_tokens"] == 0
     requests = json.loads((tmp_path / "requests.json").read_text())
     assert len(requests["fastswitch"]) == saved["workload"]["summary"]["requests"]
+    from fastswitch.client import TokenChunk
+
+    if "phases" in TokenChunk.__dataclass_fields__:  # once the SDK carries them, every stack request has them
+        assert all(list(r["phases"]) == list(PHASES) for m in requests.values() for r in m)
     assert "| fastswitch |" in (tmp_path / "results.md").read_text()
     for name in ("ttft_cdf.png", "tbt_cdf.png", "throughput.png"):
         assert (tmp_path / name).stat().st_size > 1000, name

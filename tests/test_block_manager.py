@@ -1,4 +1,5 @@
-"""Tests for the torch-free KV block allocator: exact accounting, no double hand-out, contiguous runs."""
+"""The torch-free KV block allocator (exact accounting, no double hand-out, contiguous runs) and the
+block manager that grows requests' block tables and sends them to the executor as diffs."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from scheduler_svc.block_manager import BlockAllocator, BlockRun
+from scheduler_svc.block_manager import BlockAllocator, BlockManager, Extent
+from scheduler_svc.sequence import Sequence
+from svc_common.plan import Sampling
 
 
-def _state(alloc: BlockAllocator) -> tuple[int, int, list[BlockRun], int]:
+def _state(alloc: BlockAllocator) -> tuple[int, int, list[Extent], int]:
     return alloc.num_free, alloc.num_used, alloc.free_runs(), alloc.largest_free_run()
 
 
-def _fragmented(num_blocks: int, keep_free: list[BlockRun]) -> BlockAllocator:
+def _fragmented(num_blocks: int, keep_free: list[Extent]) -> BlockAllocator:
     """An allocator whose only free extents are `keep_free`."""
     alloc = BlockAllocator(num_blocks)
     assert alloc.allocate(num_blocks) == list(range(num_blocks))
@@ -38,7 +41,7 @@ def test_new_pool_is_one_free_run_covering_every_block() -> None:
     alloc = BlockAllocator(8)
     assert alloc.num_blocks == 8
     assert (alloc.num_free, alloc.num_used) == (8, 0)
-    assert alloc.free_runs() == [BlockRun(0, 8)]
+    assert alloc.free_runs() == [Extent(0, 8)]
     assert alloc.largest_free_run() == 8
 
 
@@ -79,12 +82,12 @@ def test_allocate_with_after_extends_the_callers_last_run() -> None:
 
 def test_allocate_with_after_spills_into_best_fit_when_extension_is_short() -> None:
     # Free: 3 (one block right after the caller), 5..6, 8..13.
-    alloc = _fragmented(14, [BlockRun(3, 1), BlockRun(5, 2), BlockRun(8, 6)])
+    alloc = _fragmented(14, [Extent(3, 1), Extent(5, 2), Extent(8, 6)])
     assert alloc.allocate(3, after=2) == [3, 5, 6]
 
 
 def test_allocate_with_after_ignores_extension_when_next_block_is_taken() -> None:
-    alloc = _fragmented(10, [BlockRun(6, 4)])
+    alloc = _fragmented(10, [Extent(6, 4)])
     assert alloc.allocate(2, after=2) == [6, 7]
 
 
@@ -99,19 +102,19 @@ def test_allocate_rejects_after_that_is_not_an_allocated_block(after: int) -> No
 
 
 def test_allocate_takes_start_of_smallest_extent_that_fits() -> None:
-    alloc = _fragmented(20, [BlockRun(0, 5), BlockRun(7, 3), BlockRun(12, 8)])
+    alloc = _fragmented(20, [Extent(0, 5), Extent(7, 3), Extent(12, 8)])
     assert alloc.allocate(3) == [7, 8, 9]
     assert alloc.allocate(4) == [0, 1, 2, 3]
-    assert alloc.free_runs() == [BlockRun(4, 1), BlockRun(12, 8)]
+    assert alloc.free_runs() == [Extent(4, 1), Extent(12, 8)]
 
 
 def test_allocate_uses_largest_extents_first_when_none_fits_whole() -> None:
-    alloc = _fragmented(20, [BlockRun(0, 2), BlockRun(4, 3), BlockRun(9, 1), BlockRun(12, 5)])
+    alloc = _fragmented(20, [Extent(0, 2), Extent(4, 3), Extent(9, 1), Extent(12, 5)])
     # 7 blocks: the 5-run whole, then the remaining 2 go best fit into the 2-run.
     blocks = alloc.allocate(7)
     assert blocks == [12, 13, 14, 15, 16, 0, 1]
-    assert BlockAllocator.runs(blocks) == [BlockRun(12, 5), BlockRun(0, 2)]
-    assert alloc.free_runs() == [BlockRun(4, 3), BlockRun(9, 1)]
+    assert BlockAllocator.runs(blocks) == [Extent(12, 5), Extent(0, 2)]
+    assert alloc.free_runs() == [Extent(4, 3), Extent(9, 1)]
 
 
 def test_free_merges_adjacent_free_extents() -> None:
@@ -120,9 +123,9 @@ def test_free_merges_adjacent_free_extents() -> None:
     assert alloc.free_runs() == []
     alloc.free(a)
     alloc.free(c)
-    assert alloc.free_runs() == [BlockRun(0, 3), BlockRun(6, 3)]
+    assert alloc.free_runs() == [Extent(0, 3), Extent(6, 3)]
     alloc.free(b)
-    assert alloc.free_runs() == [BlockRun(0, 9)]
+    assert alloc.free_runs() == [Extent(0, 9)]
     assert alloc.largest_free_run() == 9
 
 
@@ -130,7 +133,7 @@ def test_free_accepts_blocks_in_any_order_and_any_iterable() -> None:
     alloc = BlockAllocator(6)
     alloc.allocate(6)
     alloc.free(iter([5, 1, 4, 0]))
-    assert alloc.free_runs() == [BlockRun(0, 2), BlockRun(4, 2)]
+    assert alloc.free_runs() == [Extent(0, 2), Extent(4, 2)]
 
 
 @pytest.mark.parametrize("bad", [-1, 8, 100])
@@ -163,13 +166,13 @@ def test_same_block_twice_in_one_free_call_is_a_double_free() -> None:
 
 
 def test_runs_coalesces_consecutive_ids_in_table_order() -> None:
-    assert BlockAllocator.runs([4, 5, 6, 9, 10, 2]) == [BlockRun(4, 3), BlockRun(9, 2), BlockRun(2, 1)]
+    assert BlockAllocator.runs([4, 5, 6, 9, 10, 2]) == [Extent(4, 3), Extent(9, 2), Extent(2, 1)]
     assert BlockAllocator.runs([]) == []
-    assert BlockAllocator.runs([3, 2, 1]) == [BlockRun(3, 1), BlockRun(2, 1), BlockRun(1, 1)]
+    assert BlockAllocator.runs([3, 2, 1]) == [Extent(3, 1), Extent(2, 1), Extent(1, 1)]
 
 
 def test_block_run_is_immutable() -> None:
-    run = BlockRun(1, 2)
+    run = Extent(1, 2)
     with pytest.raises(AttributeError):
         run.start = 3  # type: ignore[misc]
 
@@ -190,7 +193,7 @@ def test_allocate_on_empty_pool_returns_one_contiguous_run(size_and_n: tuple[int
     size, n = size_and_n
     alloc = BlockAllocator(size)
     assert alloc.allocate(n) == list(range(n))
-    assert alloc.free_runs() == ([BlockRun(n, size - n)] if n < size else [])
+    assert alloc.free_runs() == ([Extent(n, size - n)] if n < size else [])
 
 
 def _fewest_runs(free_lengths: list[int], n: int) -> int:
@@ -238,7 +241,7 @@ class AllocatorMachine(RuleBasedStateMachine):
         runs = BlockAllocator.runs(blocks)
         if fitting:
             best = min(fitting, key=lambda r: (r.length, r.start))
-            assert runs == [BlockRun(best.start, n)], "did not take the start of the best-fitting extent"
+            assert runs == [Extent(best.start, n)], "did not take the start of the best-fitting extent"
         else:
             assert len(runs) == _fewest_runs(lengths, n), "spread over more runs than needed"
         self.tables.append(blocks)
@@ -322,8 +325,47 @@ class AllocatorMachine(RuleBasedStateMachine):
         for table in self.tables:
             self.alloc.free(table)
         assert self.alloc.num_free == self.alloc.num_blocks
-        assert self.alloc.free_runs() == [BlockRun(0, self.alloc.num_blocks)]
+        assert self.alloc.free_runs() == [Extent(0, self.alloc.num_blocks)]
 
 
 AllocatorMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
 test_allocator_state_machine_keeps_blocks_unique_and_accounting_exact = AllocatorMachine.TestCase
+
+
+# -- the block manager: block tables on the device pool ------------------------------------------
+
+
+def _request(prompt_len: int) -> Sequence:
+    return Sequence("r", list(range(prompt_len)), Sampling(), max_tokens=8)
+
+
+def test_a_table_grows_by_whole_blocks_contiguously_and_the_executor_gets_only_the_new_ones() -> None:
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    seq = _request(prompt_len=6)
+    assert blocks.shortfall(seq, 6) == 2
+    assert blocks.reserve(seq, 6) and seq.block_table == [0, 1]
+    assert blocks.take_unsent(seq) == [0, 1] and blocks.take_unsent(seq) == []
+    seq.num_computed = 6
+    assert blocks.shortfall(seq, 2) == 0 and blocks.reserve(seq, 2)  # slots 6 and 7 are in block 1
+    assert blocks.take_unsent(seq) == []
+    assert blocks.reserve(seq, 3) and seq.block_table == [0, 1, 2]
+    assert blocks.take_unsent(seq) == [2]
+    assert blocks.num_free == 13
+
+
+def test_a_reservation_the_pool_cannot_hold_changes_nothing() -> None:
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    other, seq = _request(prompt_len=8), _request(prompt_len=12)
+    assert blocks.reserve(other, 8)
+    assert not blocks.reserve(seq, 12)
+    assert seq.block_table == [] and seq.unsent_blocks == 0 and blocks.num_free == 2
+
+
+def test_release_frees_the_whole_table_and_forgets_unsent_blocks() -> None:
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    seq = _request(prompt_len=9)
+    assert blocks.reserve(seq, 9)
+    blocks.release(seq)
+    assert seq.block_table == [] and seq.unsent_blocks == 0
+    assert blocks.num_free == 8
+    assert blocks.blocks_for(0) == 0 and blocks.blocks_for(4) == 1 and blocks.blocks_for(5) == 2

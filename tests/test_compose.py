@@ -8,13 +8,15 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import urllib.request
 
+import openai
 import pytest
 import yaml
 
 from fastswitch import Client
-from svc_common.stack import wait_healthy
-from tests.conftest import free_port_base
+from svc_common.stack import wait_healthy, wait_http_healthy
+from tests.conftest import free_port, free_port_base
 
 pytestmark = pytest.mark.model
 
@@ -44,16 +46,17 @@ def _service_port(spec: dict) -> int:
 
 def test_every_compose_service_command_runs_locally_and_answers(model_dir) -> None:
     services = yaml.safe_load(COMPOSE.read_text())["services"]
-    assert set(services) == {"scheduler", "executor", "swapd"}
+    assert set(services) == {"scheduler", "executor", "swapd", "http"}
     base = free_port_base()
-    ports = {"scheduler": base, "executor": base + 1, "swapd": base + 2}
+    ports = {"scheduler": base, "executor": base + 1, "swapd": base + 2, "http": free_port()}
     envs = _local_env(services, ports)
     assert envs["scheduler"]["FASTSWITCH_EXECUTOR_ADDR"] == f"127.0.0.1:{ports['executor']}"
     assert envs["scheduler"]["FASTSWITCH_SWAPD_ADDR"] == f"127.0.0.1:{ports['swapd']}"
+    assert envs["http"]["FASTSWITCH_SCHEDULER_ADDR"] == f"127.0.0.1:{ports['scheduler']}"
     log_dir = tempfile.mkdtemp(prefix="fastswitch-compose-")
     procs = []
     try:
-        for name in ("executor", "swapd", "scheduler"):
+        for name in ("executor", "swapd", "scheduler", "http"):
             command = services[name]["command"]
             assert command[0] == "python"
             log = open(os.path.join(log_dir, f"{name}.log"), "wb")  # noqa: SIM115
@@ -70,6 +73,17 @@ def test_every_compose_service_command_runs_locally_and_answers(model_dir) -> No
         with Client(f"127.0.0.1:{ports['scheduler']}") as client:
             answer = client.complete("What is the capital of France?", chat=True, max_tokens=20)
         assert "Paris" in answer.text
+        http = f"http://127.0.0.1:{ports['http']}"
+        wait_http_healthy(f"{http}/health", 120, procs, log_dir)
+        api = openai.OpenAI(base_url=f"{http}/v1", api_key="unused", max_retries=0)
+        model = api.models.list().data[0].id
+        reply = api.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=20,
+            temperature=0,
+        )  # fmt: skip
+        assert reply.choices[0].message.content == answer.text
+        with urllib.request.urlopen(f"{http}/metrics", timeout=10) as resp:
+            assert b"fastswitch_time_to_first_token_seconds_bucket" in resp.read()
     finally:
         for p in procs:
             p.terminate()
@@ -82,11 +96,12 @@ def test_every_compose_service_command_runs_locally_and_answers(model_dir) -> No
 
 def test_compose_sets_only_variables_its_services_read() -> None:
     from executor_svc.config import ExecutorConfig
+    from openai_svc.config import HttpConfig
     from scheduler_svc.config import SchedulerConfig
     from svc_common.settings import env_names
     from swap_daemon.config import SwapDaemonConfig
 
-    reads = {"scheduler": SchedulerConfig, "executor": ExecutorConfig, "swapd": SwapDaemonConfig}
+    reads = {"scheduler": SchedulerConfig, "executor": ExecutorConfig, "swapd": SwapDaemonConfig, "http": HttpConfig}
     services = yaml.safe_load(COMPOSE.read_text())["services"]
     for name, spec in services.items():
         unknown = set(spec.get("environment") or {}) - env_names(reads[name])

@@ -3,11 +3,10 @@ conversation so far, later turns reuse the earlier turns' KV, and tenants never 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from fastswitch import Client, NotFound
+from tests.conftest import wait_idle
 
 pytestmark = pytest.mark.model
 
@@ -18,13 +17,6 @@ MAX_NEW = 16
 def _history_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:  # noqa: ANN001
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def _idle(client: Client) -> dict[str, float]:
-    deadline = time.monotonic() + 10
-    while (stats := client.stats())["live_requests"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return stats
 
 
 def test_each_turn_matches_generate_on_the_whole_conversation_and_reuses_earlier_kv(
@@ -45,11 +37,11 @@ def test_each_turn_matches_generate_on_the_whole_conversation_and_reuses_earlier
                 # Everything up to the previous answer is reused (re-tokenised history may differ at its end).
                 assert answer.reused_prefix_tokens >= len(_history_ids(tokenizer, messages[:-2])), answer
             messages.append({"role": "assistant", "content": answer.text})
-        stats = _idle(client)
+        stats = wait_idle(client)
         assert stats["reused_prefix_tokens"] - before > 0
         assert stats["kept_conversations"] >= 1
         client.end_conversation("trip", tenant="alice")
-        stats = _idle(client)
+        stats = wait_idle(client)
         assert stats["kept_conversations"] == 0
         assert stats["device_blocks_free"] == stats["device_blocks_total"]
         with pytest.raises(NotFound):
@@ -79,10 +71,10 @@ def test_after_eviction_the_next_turn_recomputes_and_still_matches_generate(
     with Client(tiny_pool_stack.addr) as client:
         first = client.complete(TURNS[0], chat=True, max_tokens=MAX_NEW, conversation_id="evicted")
         messages.append({"role": "assistant", "content": first.text})
-        assert _idle(client)["kept_conversations"] == 1
+        assert wait_idle(client)["kept_conversations"] == 1
         # Other traffic needs the whole pool: the kept KV is evicted rather than anyone preempted.
         client.complete("Count from one to twenty:", max_tokens=150, ignore_eos=True)
-        stats = _idle(client)
+        stats = wait_idle(client)
         assert stats["kept_conversations"] == 0 and stats["kept_kv_evicted"] >= 1
         messages.append({"role": "user", "content": TURNS[1]})
         second = client.complete(TURNS[1], chat=True, max_tokens=MAX_NEW, conversation_id="evicted")
@@ -108,8 +100,8 @@ def test_sdk_conversation_sends_turns_and_frees_the_kept_kv_on_exit(stack, token
                 "match",
                 "near-tie",
             )
-            assert _idle(client)["kept_conversations"] >= 1
-        stats = _idle(client)
+            assert wait_idle(client)["kept_conversations"] >= 1
+        stats = wait_idle(client)
     assert stats["kept_conversations"] == 0
     assert stats["device_blocks_free"] == stats["device_blocks_total"]
 
@@ -123,14 +115,14 @@ def test_kv_spilled_to_the_host_is_reused_and_a_later_spill_moves_only_new_block
     crowd = "Count from one to twenty:"  # 150 tokens: needs 10 of the 12 device blocks
     messages: list[dict[str, str]] = []
     with Client(spill_stack.addr) as client:
-        stats = _idle(client)
+        stats = wait_idle(client)
         block_bytes = stats["kv_block_bytes"]
         on_host = 0  # tokens of this conversation whose KV the host holds validly
         for k, user in enumerate(TURNS):
             messages.append({"role": "user", "content": user})
-            before = _idle(client)
+            before = wait_idle(client)
             answer = client.complete(user, chat=True, max_tokens=MAX_NEW, conversation_id="spill")
-            after = _idle(client)
+            after = wait_idle(client)
             prompt_ids = _history_ids(tokenizer, messages)
             assert reference.check(prompt_ids, answer.token_ids, MAX_NEW) in ("match", "near-tie")
             if k > 0:
@@ -143,7 +135,7 @@ def test_kv_spilled_to_the_host_is_reused_and_a_later_spill_moves_only_new_block
             with_kv = answer.prompt_tokens + len(answer.token_ids) - 1  # the last sampled token has no KV yet
 
             client.complete(crowd, max_tokens=150, ignore_eos=True)  # the kept KV must leave the device
-            spilled = _idle(client)
+            spilled = wait_idle(client)
             assert spilled["kept_kv_spilled"] - after["kept_kv_spilled"] == 1
             assert spilled["kept_conversations"] == 1 and spilled["kept_kv_blocks"] == 0
             moved = -(-with_kv // block) - on_host // block
@@ -152,7 +144,7 @@ def test_kv_spilled_to_the_host_is_reused_and_a_later_spill_moves_only_new_block
             if k > 0:
                 assert on_host // block > 0, "a later spill must find earlier blocks already on the host"
         client.end_conversation("spill")
-        stats = _idle(client)
+        stats = wait_idle(client)
         assert stats["kept_conversations"] == 0
         assert stats["host_blocks_free"] == stats["host_blocks_total"]
         assert stats["device_blocks_free"] == stats["device_blocks_total"]

@@ -14,7 +14,7 @@ import pytest
 
 from fastswitch import AsyncClient, Client, InvalidRequest, NotFound, ResourceExhausted
 from fastswitch.v1 import api_pb2, api_pb2_grpc
-from tests.conftest import PROMPTS, free_port_base
+from tests.conftest import PROMPTS, free_port_base, wait_idle
 
 pytestmark = pytest.mark.model
 
@@ -27,17 +27,6 @@ def _generate_all(addr: str, prompts: list[str], **kwargs: object) -> list[objec
             return await asyncio.gather(*(client.complete(p, **kwargs) for p in prompts))
 
     return asyncio.run(run())
-
-
-def _wait_idle(client: Client, timeout_s: float = 10.0) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        stats = client.stats()
-        if stats["live_requests"] == 0 and stats["running"] == 0 and stats["waiting"] == 0:
-            return stats
-        if time.monotonic() > deadline:
-            return stats
-        time.sleep(0.05)
 
 
 def test_concurrent_greedy_outputs_match_transformers_generate(stack, tokenizer, reference) -> None:
@@ -106,11 +95,11 @@ def test_seeded_sampling_is_reproducible(stack) -> None:
 )
 def test_bad_input_gets_a_clear_status_and_changes_no_state(stack, kwargs, error, needle) -> None:
     with Client(stack.addr) as client:
-        before = _wait_idle(client)
+        before = wait_idle(client)
         prompt = kwargs.pop("prompt")
         with pytest.raises(error, match=needle):
             client.complete(prompt, **kwargs)
-        after = _wait_idle(client)
+        after = wait_idle(client)
         assert after["device_blocks_free"] == before["device_blocks_free"] == before["device_blocks_total"]
         assert client.complete("The capital of France is", max_tokens=3).finish_reason == "length"
 
@@ -137,7 +126,7 @@ def test_cancel_ends_a_running_request_and_frees_its_blocks(stack) -> None:
         client.cancel("to-cancel")
         rest = list(stream)
         assert rest and rest[-1].finish_reason == "cancelled"
-        stats = _wait_idle(client)
+        stats = wait_idle(client)
         assert stats["device_blocks_free"] == stats["device_blocks_total"]
 
 
@@ -150,14 +139,16 @@ def test_client_disconnect_mid_stream_frees_blocks(stack) -> None:
     with Client(stack.addr) as client:
         assert client.stats()["device_blocks_free"] < client.stats()["device_blocks_total"]
         channel.close()  # the client goes away without cancelling
-        stats = _wait_idle(client)
+        stats = wait_idle(client)
     assert stats["live_requests"] == 0
     assert stats["device_blocks_free"] == stats["device_blocks_total"]
 
 
-def test_stats_has_the_contract_keys(stack) -> None:
+def test_stats_reports_the_contract_figures_and_they_follow_a_request(stack) -> None:
     with Client(stack.addr) as client:
-        stats = client.stats()
+        before = wait_idle(client)
+        done = client.complete(PROMPTS[0], max_tokens=5, ignore_eos=True)
+        after = wait_idle(client)
     for key in (
         "preemptions",
         "swap_out_bytes",
@@ -169,14 +160,32 @@ def test_stats_has_the_contract_keys(stack) -> None:
         "device_blocks_free",
         "host_blocks_free",
     ):
-        assert key in stats, key
+        assert isinstance(after[key], float), key
+    assert after["generated_tokens"] - before["generated_tokens"] == len(done.token_ids) == 5
+    assert after["prompt_tokens"] - before["prompt_tokens"] == done.prompt_tokens
+    assert after["device_blocks_free"] == after["device_blocks_total"] == 256
+    assert after["host_blocks_free"] == after["host_blocks_total"] == 256
+    assert after["preemptions"] == before["preemptions"], "a roomy pool preempts nobody"
+
+
+def test_the_last_chunk_says_where_the_requests_time_went(stack) -> None:
+    with Client(stack.addr) as client:
+        start = time.monotonic()
+        chunks = list(client.generate(PROMPTS[1], max_tokens=6, ignore_eos=True))
+        elapsed = time.monotonic() - start
+    assert all(not c.phases for c in chunks[:-1])
+    phases = chunks[-1].phases
+    assert list(phases) == ["queued", "blocked", "swap_in", "prefill", "preempted", "decode"]
+    assert phases["prefill"] > 0 and phases["decode"] > 0
+    assert phases["blocked"] == phases["swap_in"] == phases["preempted"] == 0.0, "a roomy pool, alone"
+    assert 0 < sum(phases.values()) <= elapsed
 
 
 def test_tiny_pool_preempts_and_outputs_still_match_generate(tiny_pool_stack, tokenizer, reference) -> None:
     prompts = PROMPTS[:8]
     results = _generate_all(tiny_pool_stack.addr, prompts, max_tokens=40, ignore_eos=True)
     with Client(tiny_pool_stack.addr) as client:
-        stats = _wait_idle(client)
+        stats = wait_idle(client)
     assert stats["preemptions"] >= 4, stats
     assert stats["device_blocks_free"] == stats["device_blocks_total"]
     verdicts = [

@@ -1,4 +1,4 @@
-"""The engine's step loop against a fake executor and a swap daemon whose copies land instantly
+"""The executor link's step loop against a fake executor and a swap daemon whose copies land instantly
 (during the send), the timing that once lost a wake-up and hung the loop."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from test_scheduler import BLOCK, FakeExecutor, FakeSwapDaemon, expected_output,
 
 from fastswitch.v1 import swap_pb2
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.engine import Engine
+from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.scheduler import Scheduler
+from scheduler_svc.sequence import RequestState
+from scheduler_svc.swapd_link import SwapDaemonLink
 from svc_common.plan import StepPlan
 
 
@@ -32,40 +34,44 @@ class _Executor:
 class _InstantDaemon:
     """The Swap stream: a copy lands (contents moved, SwapDone applied) before write() returns."""
 
-    def __init__(self, engine: Engine, copier: FakeSwapDaemon) -> None:
-        self.engine, self.copier = engine, copier
+    def __init__(self, link: SwapDaemonLink, copier: FakeSwapDaemon) -> None:
+        self.link, self.copier = link, copier
 
     async def write(self, command: swap_pb2.SwapCommand) -> None:
-        order = self.engine.scheduler.swaps[command.swap_id]  # type: ignore[union-attr]
+        order = self.link.scheduler.swaps.in_flight(command.swap_id)
+        assert order is not None
         self.copier.land_contents(order)
-        self.engine._on_swap_done(swap_pb2.SwapDone(swap_id=command.swap_id, ok=True))
+        self.link.on_done(swap_pb2.SwapDone(swap_id=command.swap_id, ok=True))
 
 
 def test_a_copy_landing_while_its_order_is_sent_wakes_the_loop() -> None:
     async def scenario() -> None:
-        config = SchedulerConfig(max_step_tokens=16, max_running=4, swapd_addr="daemon")
-        engine = Engine(config)
+        config = SchedulerConfig(max_step_tokens=16, max_running=1, policy="priority", swapd_addr="daemon")
         sched = Scheduler(config, num_blocks=8, block_size=BLOCK, eos_token_ids={0})
-        sched.attach_host_pool(32)
-        engine.scheduler = sched
+        link = ExecutorLink(config, on_tokens=lambda events, ns: None, on_gone=lambda message: None)
+        link.scheduler = sched
+        link.swapd = SwapDaemonLink("daemon", sched, on_change=link.wake)
         executor = FakeExecutor()
-        copier = FakeSwapDaemon(sched, executor=executor)
-        # A request computes a few tokens and is swapped out; nothing else is live.
+        copier = FakeSwapDaemon(sched, delay=1000, executor=executor)
+        link.swapd.on_attached(_InstantDaemon(link.swapd, copier), num_host_blocks=32)
+        # A request computes a few tokens, then a higher-priority one takes its place in the batch:
+        # it is swapped out, and its copy lands only after the other has finished and been released.
         alone = seq("alone", prompt_len=5, max_tokens=8)
         sched.add(alone)
         for _ in range(3):
             plan = sched.schedule()
             assert plan is not None
             sched.on_step_output(executor.run(plan))
-        sched._preempt(alone)
+        high = seq("high", prompt_len=3, max_tokens=2, priority=5)
+        sched.add(high)
+        while (plan := sched.schedule()) is not None:
+            copier.tick()
+            sched.on_step_output(executor.run(plan))
         copier.drain()
-        assert sched._releases == ["alone"]  # as if a step had already carried the release
-        executor.tables.pop(sched._releases.pop())
-        assert alone.status.value == "swapped"
+        assert high.finished and alone.state is RequestState.SWAPPED and not sched.swaps.num_in_flight
         # The loop's first schedule() orders the swap-in and has nothing to run: it must not sleep
         # through the copy landing while the order is being sent.
-        engine._swap_call = _InstantDaemon(engine, copier)
-        loop = asyncio.create_task(engine._drive(_Executor(executor)))
+        loop = asyncio.create_task(link.drive(_Executor(executor)))
         try:
             await asyncio.wait_for(_finished(alone), timeout=10)
         finally:

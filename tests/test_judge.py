@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,10 +19,12 @@ from fastswitch.judge import (
     STOP_MARKER,
     JudgePair,
     analysis_prompt,
+    analysis_regex,
     judge,
     parse_dimensions,
     parse_verdict,
     verdict_prompt,
+    verdict_regex,
 )
 
 PAIRS = pathlib.Path(__file__).resolve().parent.parent / "examples" / "judge_pairs.json"
@@ -187,6 +190,51 @@ def test_prompts_name_every_dimension_the_stop_marker_and_the_verdict_format() -
     assert "Safety Awareness" in verdict_prompt(("Safety Awareness",))
 
 
+# -- the constraints (structured output) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("Dimensions: Safety Awareness\nResponse 1: fine.", True),
+        ("Dimensions: Logical Reasoning, Information Accuracy, Communication Clarity\n", True),
+        ("Dimensions: Logical Reasoning, Information Accuracy, Communication Clarity, Safety Awareness\n", False),
+        ("Dimensions: Logic\n", False),
+        ("Dimensions: \n", False),
+        ("Response 1: fine.\nDimensions: Safety Awareness\n", False),
+    ],
+)
+def test_turn_one_must_open_with_one_to_three_known_dimensions(text: str, ok: bool) -> None:
+    assert (re.fullmatch(analysis_regex(), text) is not None) == ok
+    if ok:
+        assert parse_dimensions(text).problem is None
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("Response 1 is right.\n\\boxed{1}", True),
+        ("\\boxed{2}", True),
+        ("x" * 55 + "\\boxed{2}", True),
+        ("x" * 56 + "\\boxed{2}", False),  # over the 64-token budget's analysis length
+        ("\\boxed{1} \\boxed{2}", False),
+        ("\\boxed{3}", False),
+        ("Response 1 is right.", False),
+        ("caf\u00e9 \\boxed{1}", False),  # ASCII only: one token can never hold less than one character
+    ],
+)
+def test_turn_two_is_short_ascii_analysis_then_exactly_one_box(text: str, ok: bool) -> None:
+    assert (re.fullmatch(verdict_regex(64), text) is not None) == ok
+    if ok:
+        assert parse_verdict(text).value in (1, 2)
+
+
+def test_a_verdict_budget_too_small_for_the_box_is_refused() -> None:
+    assert re.fullmatch(verdict_regex(9), "\\boxed{1}")
+    with pytest.raises(ValueError, match="at least 9 tokens"):
+        verdict_regex(8)
+
+
 # -- the protocol, against a fake client --------------------------------------------------------------
 
 
@@ -240,6 +288,7 @@ def test_judge_runs_both_turns_in_one_conversation_and_ends_it() -> None:
     assert first_opts["stop"] == [STOP_MARKER] and first_opts["max_tokens"] == 50
     assert first_opts["temperature"] == 0.0 and second_opts["temperature"] == 0.0
     assert second_opts["max_tokens"] == 20 and "stop" not in second_opts
+    assert first_opts["regex"] == analysis_regex() and second_opts["regex"] == verdict_regex(20)
     assert "Computational Precision" in second
     assert (result.verdict, result.malformed, result.label) == (1, None, "1")
     assert result.dimensions.chosen == ("Computational Precision",)
@@ -250,7 +299,8 @@ def test_judge_runs_both_turns_in_one_conversation_and_ends_it() -> None:
 
 def test_judge_reports_a_malformed_verdict_instead_of_guessing() -> None:
     client = _FakeClient("Response 1 is fine.", "Response 1 is better, so \\boxed{1} or maybe \\boxed{2}.")
-    result = judge(client, _pairs()[0])  # type: ignore[arg-type]
+    result = judge(client, _pairs()[0], constrained=False)  # type: ignore[arg-type]
+    assert all("regex" not in opts for _, opts in client.sent)
     assert result.verdict is None and result.label == "malformed"
     assert result.malformed is not None and "conflicting" in result.malformed
     assert result.dimensions.problem is not None
@@ -273,8 +323,11 @@ def _history_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:  # noq
 
 
 @pytest.mark.model
-def test_judge_turn_two_reuses_turn_one_kv_and_matches_generate(stack, tokenizer, reference) -> None:
+def test_judge_turn_two_reuses_turn_one_kv_is_well_formed_and_matches_generate(stack, tokenizer, reference) -> None:
+    from test_structured_output import check_constrained
+
     from fastswitch.client import Client
+    from scheduler_svc.grammar import ConstraintKind, Grammars, OutputConstraint
 
     pair = _pairs()[0]
     with Client(stack.addr) as client:
@@ -287,7 +340,11 @@ def test_judge_turn_two_reuses_turn_one_kv_and_matches_generate(stack, tokenizer
     assert result.analysis.prompt_tokens == len(turn1_prompt)
     assert result.rethink.prompt_tokens == len(turn2_prompt)
     assert result.reused_prefix_tokens >= len(turn1_prompt), result.reused_prefix_tokens
-    assert reference.check(turn2_prompt, result.rethink.token_ids, 24) in ("match", "near-tie")
-    # Either a verdict or a malformed answer with its reason; never both, never neither.
-    assert (result.verdict in (1, 2)) != (result.malformed is not None), (result.verdict, result.malformed)
+    # Turn 2 is what generate() produces on the whole conversation under the same grammar.
+    grammars = Grammars(tokenizer, tokenizer.vocab_size, {tokenizer.eos_token_id})
+    verdict = OutputConstraint(ConstraintKind.REGEX, verdict_regex(24))
+    assert check_constrained(reference, grammars, verdict, turn2_prompt, result.rethink.token_ids, 24)
+    # Constrained on the server, both turns are well formed whatever the model writes.
+    assert result.verdict in (1, 2) and result.malformed is None, result.rethink.text
+    assert result.dimensions.problem is None, result.analysis.text
     assert stats["kept_conversations"] == 0, "the judge must end its conversation and free its KV"

@@ -6,9 +6,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scheduler_svc.config import SchedulerConfig
-from scheduler_svc.scheduler import Scheduler, SwapOrder
+from scheduler_svc.conversations import KeptKV
+from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence
+from scheduler_svc.swap_manager import SwapOrder
 from svc_common.plan import Sampling, StepOutput, StepPlan
+from svc_common.swap import Direction, Granularity
+from tests.conftest import FakeClock
 
 BLOCK = 4
 EOS = 0
@@ -69,20 +73,28 @@ def run_to_completion(sched: Scheduler, executor: FakeExecutor, max_steps: int =
 def assert_ownership(sched: Scheduler) -> None:
     """Every device and host block is free, owned exactly once (by a request or a conversation's
     kept KV), or under one copy."""
-    in_copy = [o for o in [*sched.swaps.values(), *sched._swap_orders]]
-    owned = [b for s in sched.requests.values() for b in s.block_table if s.status.value not in ("swapping_in",)]
+    in_copy = sched.swaps.orders()
+    owned = [b for s in sched.requests.values() for b in s.block_table if s.state.value not in ("swapping_in",)]
     owned += [b for o in in_copy for b in o.device_blocks]
-    owned += [b for k in sched.kept.values() for b in k.blocks]
+    owned += [b for k in sched.conversations.kept() for b in k.blocks]
     assert len(owned) == len(set(owned)), "a device block is owned twice"
-    assert sched.allocator.num_free + len(owned) == sched.allocator.num_blocks
-    if sched.host is not None:
-        host = [b for s in sched.requests.values() if s.status.value != "swapping_in" for b in s.host_table]
+    assert sched.blocks.num_free + len(owned) == sched.blocks.num_blocks
+    host_pool = sched.swaps.host
+    if host_pool is not None:
+        host = [b for s in sched.requests.values() if s.state.value != "swapping_in" for b in s.host_table]
         host += [b for o in in_copy for b in o.host_blocks]
-        host += [b for k in sched.kept.values() for b in k.host_blocks]
+        host += [b for k in sched.conversations.kept() for b in k.host_blocks]
         assert len(host) == len(set(host)), "a host block is owned twice"
-        assert sched.host.num_free + len(host) == sched.host.num_blocks
+        assert host_pool.num_free + len(host) == host_pool.num_blocks
     for s in sched.requests.values():
         assert s.host_tokens <= len(s.host_table) * BLOCK
+
+
+def kept(sched: Scheduler, key: tuple[str, str]) -> KeptKV:
+    """The KV a conversation keeps for its next turn (failing if it keeps none)."""
+    conv = sched.conversations.get(key)
+    assert conv is not None and conv.kv is not None, f"conversation {key} keeps no KV"
+    return conv.kv
 
 
 def test_long_prompt_is_prefilled_in_chunks_within_the_step_budget() -> None:
@@ -121,9 +133,9 @@ def test_pool_exhaustion_preempts_the_latest_arrival_and_everything_completes() 
     for s in seqs:
         sched.add(s)
     run_to_completion(sched, ex)
-    assert sched.stats.counters["preemptions"] > 0
+    assert sched.stats.counter("preemptions") > 0
     assert all(s.finish is Finish.LENGTH and len(s.output_ids) == 8 for s in seqs)
-    assert sched.allocator.num_free == 6
+    assert sched.blocks.num_free == 6
 
 
 def test_recomputed_request_produces_the_same_tokens_as_an_unpreempted_one() -> None:
@@ -155,9 +167,9 @@ def test_abort_frees_blocks_and_tells_the_executor_to_release() -> None:
     plan = sched.schedule()
     assert plan is not None
     sched.on_step_output(ex.run(plan))
-    assert sched.allocator.num_free < 64
+    assert sched.blocks.num_free < 64
     assert sched.abort("a") is not None
-    assert sched.allocator.num_free == 64
+    assert sched.blocks.num_free == 64
     plan = sched.schedule()
     assert plan is not None and plan.released_request_ids == ["a"] and not plan.chunks
     assert sched.abort("a") is None
@@ -173,7 +185,7 @@ def test_abort_while_a_step_is_in_flight_ignores_its_result() -> None:
     events = sched.on_step_output(ex.run(plan))
     assert [e.seq.request_id for e in events] == ["b"]
     run_to_completion(sched, ex)
-    assert sched.allocator.num_free == 64
+    assert sched.blocks.num_free == 64
 
 
 def test_eos_finishes_unless_ignore_eos() -> None:
@@ -226,7 +238,7 @@ def test_random_load_with_aborts_never_double_owns_and_frees_everything(
                 assert_ownership(sched)
         step += 1
         assert step < 5000
-    assert sched.allocator.num_free == num_blocks
+    assert sched.blocks.num_free == num_blocks
     assert not sched.running and not sched.waiting
     for s, _abort, _ in seqs:
         assert s.finished
@@ -249,7 +261,7 @@ class FakeSwapDaemon:
     def tick(self) -> None:
         for order in self.sched.take_swap_orders():
             self.pending.append((self.step + self.delay, order.swap_id))
-            self.copies[order.direction] += 1
+            self.copies[order.direction.value] += 1
         self.step += 1
         due = [sid for when, sid in self.pending if when <= self.step]
         self.pending = [(w, sid) for w, sid in self.pending if sid not in due]
@@ -257,17 +269,18 @@ class FakeSwapDaemon:
             self.land(sid)
 
     def land(self, swap_id: int) -> None:
-        order = self.sched.swaps[swap_id]
+        order = self.sched.swaps.in_flight(swap_id)
+        assert order is not None
         if not self.fail:
             self.land_contents(order)
         self.sched.on_swap_done(swap_id, ok=not self.fail)
 
     def land_contents(self, order: SwapOrder) -> None:
-        self.blocks[order.direction] += len(order.device_blocks)
+        self.blocks[order.direction.value] += len(order.device_blocks)
         if self.executor is not None:
             device = self.executor.kv
             for d, h in zip(order.device_blocks, order.host_blocks, strict=True):
-                if order.direction == "out":
+                if order.direction is Direction.OUT:
                     self.host_kv[h] = list(device.get(d, [None] * BLOCK))
                 else:
                     device[d] = list(self.host_kv.get(h, [None] * BLOCK))
@@ -291,7 +304,7 @@ def run_with_swaps(
         if aborts and step in aborts:
             sched.abort(aborts[step])
             assert_ownership(sched)
-        if plan is None and not sched.swaps and not daemon.pending and not sched.has_work():
+        if plan is None and not sched.swaps.num_in_flight and not daemon.pending and not sched.has_work():
             return
     raise AssertionError("no progress")
 
@@ -316,9 +329,9 @@ def test_swap_preemption_moves_kv_out_and_back_and_tokens_match_an_unpreempted_r
     run_with_swaps(sched, ex, daemon)
     # A request swapped in and preempted again before computing more needs no copy out: its host copy is whole.
     assert daemon.copies["out"] > 0 and daemon.copies["in"] >= daemon.copies["out"]
-    assert sched.stats.counters["recomputed_tokens"] == 0
+    assert sched.stats.counter("recomputed_tokens") == 0
     assert all(s.output_ids == ref.output_ids for s in seqs)
-    assert sched.allocator.num_free == 7 and sched.host is not None and sched.host.num_free == 32
+    assert sched.blocks.num_free == 7 and sched.swaps.host is not None and sched.swaps.host.num_free == 32
 
 
 def test_swapped_blocks_are_not_reused_until_the_copy_lands() -> None:
@@ -328,7 +341,7 @@ def test_swapped_blocks_are_not_reused_until_the_copy_lands() -> None:
         sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
     for _ in range(40):
         plan = sched.schedule()
-        in_copy = {b for o in [*sched.swaps.values(), *sched._swap_orders] for b in o.device_blocks}
+        in_copy = {b for o in sched.swaps.orders() for b in o.device_blocks}
         if plan is not None:
             for c in plan.chunks:
                 assert not in_copy & set(c.new_block_ids), "a block under a copy was handed out"
@@ -343,8 +356,8 @@ def test_cancel_during_swap_out_and_swap_in_frees_both_pools_once_the_copy_lands
         for i in range(4):
             sched.add(seq(f"r{i}", prompt_len=3, max_tokens=10))
         run_with_swaps(sched, ex, daemon, aborts={when: "r3", when + 1: "r2"})
-        assert sched.allocator.num_free == 7
-        assert sched.host is not None and sched.host.num_free == 32
+        assert sched.blocks.num_free == 7
+        assert sched.swaps.host is not None and sched.swaps.host.num_free == 32
 
 
 def test_full_host_pool_falls_back_to_recompute_and_says_so() -> None:
@@ -354,7 +367,7 @@ def test_full_host_pool_falls_back_to_recompute_and_says_so() -> None:
     for s in seqs:
         sched.add(s)
     run_with_swaps(sched, ex, daemon)
-    assert sched.stats.counters["swap_fallback_recompute"] > 0
+    assert sched.stats.counter("swap_fallback_recompute") > 0
     assert all(len(s.output_ids) == 10 for s in seqs)
 
 
@@ -365,7 +378,7 @@ def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> N
     for s in seqs:
         sched.add(s)
     run_with_swaps(sched, ex, daemon)
-    assert sched.stats.counters["swap_fallback_recompute"] > 0
+    assert sched.stats.counter("swap_fallback_recompute") > 0
     assert all(len(s.output_ids) == 10 for s in seqs)
     sched2, ex2 = make_swapping(num_blocks=7, host_blocks=32), FakeExecutor()
     daemon2 = FakeSwapDaemon(sched2, delay=50, executor=ex2)
@@ -377,13 +390,13 @@ def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> N
         daemon2.tick()
         if plan is not None:
             sched2.on_step_output(ex2.run(plan))
-    assert sched2.swaps, "copies should be in flight when the daemon dies"
+    assert sched2.swaps.num_in_flight, "copies should be in flight when the daemon dies"
     sched2.on_swap_daemon_lost()
     daemon2.pending.clear()
-    assert sched2.host is None
+    assert sched2.swaps.host is None
     run_to_completion(sched2, ex2)
     assert all(len(s.output_ids) == 10 for s in seqs2)
-    assert sched2.allocator.num_free == 7
+    assert sched2.blocks.num_free == 7
 
 
 def test_vllm_like_mode_orders_per_layer_copies() -> None:
@@ -393,19 +406,12 @@ def test_vllm_like_mode_orders_per_layer_copies() -> None:
     grans = set()
     for _ in range(30):
         plan = sched.schedule()
-        grans |= {o.granularity for o in sched._swap_orders}
         for o in sched.take_swap_orders():
+            grans.add(o.granularity)
             sched.on_swap_done(o.swap_id, ok=True)
         if plan is not None:
             sched.on_step_output(ex.run(plan))
-    assert grans == {"block_layer"}
-
-
-def test_swap_orders_name_block_groups_not_blocks() -> None:
-    from scheduler_svc.scheduler import pair_runs
-
-    assert pair_runs([4, 5, 6, 9], [0, 1, 2, 3]) == [(4, 0, 3), (9, 3, 1)]
-    assert pair_runs([4, 5], [7, 3]) == [(4, 7, 1), (5, 3, 1)]
+    assert grans == {Granularity.BLOCK_LAYER}
 
 
 @settings(max_examples=40, deadline=None)
@@ -439,8 +445,8 @@ def test_random_priorities_swaps_and_cancels_leave_both_pools_exactly_full(
     )
     aborts = {abort_at: ids[0]} if ids else {}
     run_with_swaps(sched, ex, daemon, aborts=aborts)
-    assert sched.allocator.num_free == num_blocks
-    assert sched.host is not None and sched.host.num_free == host_blocks
+    assert sched.blocks.num_free == num_blocks
+    assert sched.swaps.host is not None and sched.swaps.host.num_free == host_blocks
 
 
 def test_a_higher_priority_arrival_preempts_when_the_batch_cap_blocks_it() -> None:
@@ -468,9 +474,9 @@ def test_per_tenant_service_counts_prompt_and_generated_tokens_once() -> None:
     for i in range(4):
         sched.add(seq(f"r{i}", prompt_len=3, max_tokens=8, tenant="a" if i % 2 else "b"))
     run_to_completion(sched, ex)
-    assert sched.stats.counters["preemptions"] > 0  # recomputation happened but is not service
+    assert sched.stats.counter("preemptions") > 0  # recomputation happened but is not service
     for tenant in ("a", "b"):
-        served = sched.stats.tenants[tenant]
+        served = sched.stats.tenants()[tenant]
         assert (served.prompt_tokens, served.generated_tokens) == (6, 16)
 
 
@@ -479,8 +485,9 @@ def test_next_turn_reuses_the_kept_prefix_and_computes_only_the_rest() -> None:
     turn1 = seq("t1", prompt_len=10, max_tokens=5, conversation=("ten", "c"))
     sched.add(turn1)
     run_to_completion(sched, ex)
-    assert sched.kept[("ten", "c")].tokens == turn1.tokens[:14]  # the last sampled token has no KV yet
-    kept_blocks = list(sched.kept[("ten", "c")].blocks)
+    assert kept(sched, ("ten", "c")).num_tokens == 14  # the last sampled token has no KV yet
+    assert sched.conversations.get(("ten", "c")).tokens == turn1.tokens  # type: ignore[union-attr]
+    kept_blocks = list(kept(sched, ("ten", "c")).blocks)
     turn2_prompt = turn1.tokens[:12] + [99, 98, 97, 96]  # diverges at 12 (re-tokenised history may)
     turn2 = Sequence("t2", turn2_prompt, Sampling(), 3, conversation=("ten", "c"))
     sched.add(turn2)
@@ -490,7 +497,7 @@ def test_next_turn_reuses_the_kept_prefix_and_computes_only_the_rest() -> None:
     assert plan is not None and plan.chunks[0].start_position == 12 and plan.chunks[0].token_ids == [99, 98, 97, 96]
     sched.on_step_output(ex.run(plan))
     run_to_completion(sched, ex)
-    assert sched.stats.counters["reused_prefix_tokens"] == 12
+    assert sched.stats.counter("reused_prefix_tokens") == 12
     assert_ownership(sched)
 
 
@@ -498,27 +505,32 @@ def test_kept_kv_is_evicted_before_any_request_is_preempted() -> None:
     sched, ex = make(num_blocks=8, max_step_tokens=64), FakeExecutor()
     sched.add(seq("t1", prompt_len=10, max_tokens=5, conversation=("ten", "c")))
     run_to_completion(sched, ex)
-    assert sched.kept and sched.allocator.num_free < 8
+    assert sched.conversations.kept() and sched.blocks.num_free < 8
     others = [seq(f"o{i}", prompt_len=6, max_tokens=6) for i in range(2)]
     for s in others:
         sched.add(s)
     run_to_completion(sched, ex)
-    assert not sched.kept and sched.stats.counters["kept_kv_evicted"] == 1
-    assert sched.stats.counters["preemptions"] == 0
-    assert sched.allocator.num_free == 8
+    assert not sched.conversations.kept() and sched.stats.counter("kept_kv_evicted") == 1
+    assert sched.stats.counter("preemptions") == 0
+    assert sched.blocks.num_free == 8
 
 
-def test_kept_kv_expires_after_the_ttl_and_end_conversation_frees_it() -> None:
+def test_an_idle_conversation_expires_after_the_ttl_with_its_history_and_end_frees_it_now(clock: FakeClock) -> None:
     sched, ex = make(num_blocks=64), FakeExecutor()
     for conv in ("a", "b"):
         sched.add(seq(f"t-{conv}", prompt_len=5, max_tokens=3, conversation=("ten", conv)))
     run_to_completion(sched, ex)
-    assert sched.drop_conversation(("ten", "a")) and not sched.drop_conversation(("ten", "a"))
-    sched.kept[("ten", "b")].last_used -= sched.config.conversation_ttl_s + 1
+    assert sched.conversations.end(("ten", "a")) and not sched.conversations.end(("ten", "a"))
+    clock.now += sched.config.conversation_ttl_s - 1
     sched.add(seq("x", prompt_len=2, max_tokens=1))
     run_to_completion(sched, ex)
-    assert not sched.kept and sched.stats.counters["kept_kv_expired"] == 1
-    assert sched.allocator.num_free == 64
+    assert kept(sched, ("ten", "b")).num_tokens == 7, "not idle for the TTL yet"
+    clock.now += 2
+    sched.add(seq("y", prompt_len=2, max_tokens=1))
+    run_to_completion(sched, ex)
+    assert sched.conversations.get(("ten", "b")) is None, "the history expires with the KV"
+    assert sched.stats.counter("kept_kv_expired") == 1 and sched.stats.counter("conversations_expired") == 1
+    assert sched.blocks.num_free == 64
 
 
 def test_another_tenant_never_reuses_a_conversations_kv() -> None:
@@ -529,7 +541,7 @@ def test_another_tenant_never_reuses_a_conversations_kv() -> None:
     intruder = Sequence("t2", first.tokens[:10], Sampling(), 3, tenant="bob", conversation=("bob", "c"))
     sched.add(intruder)
     assert intruder.reused_tokens == 0 and intruder.num_computed == 0
-    assert ("alice", "c") in sched.kept
+    assert kept(sched, ("alice", "c")).num_tokens == 10
 
 
 # -- conversations: KV kept across turns, on the device or the host ------------------------------
@@ -562,7 +574,7 @@ def step(sched: Scheduler, ex: FakeExecutor, daemon: FakeSwapDaemon | None) -> b
     if plan is not None:
         sched.on_step_output(ex.run(plan))
     assert_ownership(sched)
-    return plan is not None or bool(sched.swaps) or sched.has_work()
+    return plan is not None or bool(sched.swaps.num_in_flight) or sched.has_work()
 
 
 def finish(sched: Scheduler, ex: FakeExecutor, daemon: FakeSwapDaemon | None, *seqs: Sequence) -> None:
@@ -593,35 +605,35 @@ def test_kept_kv_spills_to_the_host_and_a_later_spill_moves_only_the_blocks_writ
     t1 = turn("t1", list(range(10, 40)))  # 30 prompt tokens
     finish(sched, ex, daemon, t1)
     n1 = 34  # tokens with KV: the prompt and 4 of the 5 generated (the last has none yet)
-    assert sched.kept[("ten", "c")].tokens == t1.tokens[:n1] and daemon.blocks["out"] == 0
+    assert kept(sched, ("ten", "c")).num_tokens == n1 and daemon.blocks["out"] == 0
 
     crowd(sched, ex, daemon, blocks=16, rid="crowd1")  # the whole pool: the kept KV must leave the device
-    kept = sched.kept[("ten", "c")]
-    assert not kept.blocks and kept.host_tokens == n1
+    kv = kept(sched, ("ten", "c"))
+    assert not kv.blocks and kv.host_tokens == n1
     assert daemon.blocks["out"] == -(-n1 // BLOCK) == 9  # the first spill moves everything
 
     t2 = turn("t2", t1.tokens + [90, 91, 92, 93, 94, 95])  # the history, then a new user message
     sched.add(t2)
-    assert t2.status.value == "swapped" and t2.num_computed == n1 and t2.reused_tokens == n1
+    assert t2.state.value == "swapped" and t2.num_computed == n1 and t2.reused_tokens == n1
     finish(sched, ex, daemon, t2)
     assert t2.output_ids == expected_output(t2.prompt_ids, 5), "KV swapped back in from the host was wrong"
     assert daemon.blocks["in"] == 9
     n2 = len(t2.prompt_ids) + 4
-    assert sched.kept[("ten", "c")].host_tokens == n1, "the host copy of turn 1 is still valid"
+    assert kept(sched, ("ten", "c")).host_tokens == n1, "the host copy of turn 1 is still valid"
 
-    out_before, saved_before = daemon.blocks["out"], sched.stats.counters["swap_out_blocks_saved"]
+    out_before, saved_before = daemon.blocks["out"], sched.stats.counter("swap_out_blocks_saved")
     crowd(sched, ex, daemon, blocks=16, rid="crowd2")
     # Blocks 0-7 hold turn 1's 32 tokens on the host already; block 8 (2 of its slots on the host)
     # is copied again, with the blocks written since: 8..ceil(n2/4)-1.
     assert daemon.blocks["out"] - out_before == -(-n2 // BLOCK) - n1 // BLOCK == 4
-    assert sched.stats.counters["swap_out_blocks_saved"] - saved_before == n1 // BLOCK == 8
+    assert sched.stats.counter("swap_out_blocks_saved") - saved_before == n1 // BLOCK == 8
 
     t3 = turn("t3", t2.tokens + [80, 81])
     finish(sched, ex, daemon, t3)
     assert t3.reused_tokens == n2 and t3.output_ids == expected_output(t3.prompt_ids, 5)
-    assert sched.stats.counters["reused_from_host_tokens"] == n1 + n2
-    assert sched.drop_conversation(("ten", "c"))
-    assert sched.allocator.num_free == 16 and sched.host is not None and sched.host.num_free == 64
+    assert sched.stats.counter("reused_from_host_tokens") == n1 + n2
+    assert sched.conversations.end(("ten", "c"))
+    assert sched.blocks.num_free == 16 and sched.swaps.host is not None and sched.swaps.host.num_free == 64
 
 
 def test_a_preempted_turn_swapped_back_in_moves_only_its_new_blocks_out_again() -> None:
@@ -636,7 +648,7 @@ def test_a_preempted_turn_swapped_back_in_moves_only_its_new_blocks_out_again() 
     assert low.preemptions == 1
     first_out = daemon.blocks["out"]
     for _ in range(100):
-        if low.status.value == "running" and low.num_computed >= low.host_tokens + 2 * BLOCK:
+        if low.state.value == "running" and low.num_computed >= low.host_tokens + 2 * BLOCK:
             break
         step(sched, ex, daemon)
     computed, on_host = low.num_computed, low.host_tokens
@@ -650,20 +662,27 @@ def test_a_preempted_turn_swapped_back_in_moves_only_its_new_blocks_out_again() 
 
 
 def test_a_turn_arriving_while_its_kv_spills_waits_for_the_copy_then_reuses_it() -> None:
+    """(A second turn arriving meanwhile does not wait too: it recomputes.)"""
     sched, ex = make_conversing(num_blocks=16, host_blocks=64), FakeExecutor()
     daemon = FakeSwapDaemon(sched, delay=50, executor=ex)
     t1 = turn("t1", list(range(10, 30)))
     finish(sched, ex, daemon, t1)
     sched.add(seq("big", prompt_len=63, max_tokens=1))
-    while not sched.swaps:
+    while not sched.swaps.num_in_flight:
         step(sched, ex, daemon)
-    t2 = turn("t2", t1.tokens + [77])
+    t2, t3 = turn("t2", t1.tokens + [77]), turn("t3", t1.tokens + [78])
     sched.add(t2)
-    assert t2.status.value == "awaiting_kv"
+    sched.add(t3)
+    assert t2.state.value == "awaiting_kv" and t3.state.value == "waiting"
     daemon.drain()
-    assert t2.status.value in ("swapped", "swapping_in") and t2.reused_tokens == 24
-    finish(sched, ex, daemon, t2)
+    assert t2.state.value in ("swapped", "swapping_in") and t2.reused_tokens == 24
+    finish(sched, ex, daemon, t2, t3)
     assert t2.output_ids == expected_output(t2.prompt_ids, 5)
+    assert t3.reused_tokens == 0 and t3.output_ids == expected_output(t3.prompt_ids, 5)
+    assert sched.conversations.end(("ten", "c"))
+    daemon.drain()
+    assert_ownership(sched)
+    assert sched.blocks.num_free == 16
 
 
 def test_the_host_budget_evicts_the_least_recently_used_conversation_which_then_recomputes() -> None:
@@ -673,14 +692,15 @@ def test_the_host_budget_evicts_the_least_recently_used_conversation_which_then_
     finish(sched, ex, daemon, a)
     finish(sched, ex, daemon, b)
     crowd(sched, ex, daemon, blocks=12, rid="crowd")
-    assert sched.stats.counters["kept_kv_host_evicted"] >= 1
-    assert ("ten", "a") not in sched.kept and sched.kept[("ten", "b")].host_tokens == 20
+    assert sched.stats.counter("kept_kv_host_evicted") >= 1
+    assert sched.conversations.get(("ten", "a")).kv is None  # type: ignore[union-attr]
+    assert kept(sched, ("ten", "b")).host_tokens == 20
     a2, b2 = turn("a2", a.tokens + [5], conv="a"), turn("b2", b.tokens + [6], conv="b")
     finish(sched, ex, daemon, a2, b2)
     assert a2.reused_tokens == 0 and b2.reused_tokens == 20
     # History computed again: all 21 tokens of a's turn 1, and the last token b's turn 1 generated
     # (the last sampled token never had KV).
-    assert sched.stats.counters["recomputed_prefix_tokens"] == 21 + 1
+    assert sched.stats.counter("recomputed_prefix_tokens") == 21 + 1
     assert a2.output_ids == expected_output(a2.prompt_ids, 5) and b2.output_ids == expected_output(b2.prompt_ids, 5)
 
 
@@ -690,9 +710,9 @@ def test_kept_kv_on_the_host_is_lost_with_the_daemon_and_the_next_turn_recompute
     t1 = turn("t1", list(range(10, 26)))
     finish(sched, ex, daemon, t1)
     crowd(sched, ex, daemon, blocks=12, rid="crowd")
-    assert sched.kept[("ten", "c")].host_tokens == 20
+    assert kept(sched, ("ten", "c")).host_tokens == 20
     sched.on_swap_daemon_lost()
-    assert not sched.kept
+    assert not sched.conversations.kept()
     t2 = turn("t2", t1.tokens + [3])
     finish(sched, ex, None, t2)
     assert t2.reused_tokens == 0 and t2.output_ids == expected_output(t2.prompt_ids, 5)
@@ -702,10 +722,10 @@ def test_without_kv_reuse_nothing_is_kept_and_swap_ins_drop_the_host_copy() -> N
     sched, ex = make_conversing(num_blocks=64, host_blocks=64, kv_reuse=False), FakeExecutor()
     t1 = turn("t1", list(range(10, 26)))
     finish(sched, ex, None, t1)
-    assert not sched.kept
+    assert not sched.conversations.kept()
     t2 = turn("t2", t1.tokens + [3])
     finish(sched, ex, None, t2)
-    assert t2.reused_tokens == 0 and sched.stats.counters["recomputed_prefix_tokens"] == 21
+    assert t2.reused_tokens == 0 and sched.stats.counter("recomputed_prefix_tokens") == 21
 
 
 @settings(max_examples=60, deadline=None)
@@ -777,22 +797,50 @@ def test_random_conversations_under_pressure_match_the_reference_and_free_everyt
     if daemon is not None:
         daemon.drain()
     for i in range(len(conversations)):
-        sched.drop_conversation(("ten", str(i)))
+        sched.conversations.end(("ten", str(i)))
     assert_ownership(sched)
-    assert sched.allocator.num_free == num_blocks
-    assert sched.host is None or sched.host.num_free == host_blocks
+    assert sched.blocks.num_free == num_blocks
+    assert sched.swaps.host is None or sched.swaps.host.num_free == host_blocks
 
 
 def test_a_lost_executor_takes_kept_and_swapped_in_kv_with_it_and_those_turns_recompute() -> None:
     sched, ex = make_conversing(num_blocks=32, host_blocks=64), FakeExecutor()
     t1 = turn("t1", list(range(10, 30)))
     finish(sched, ex, None, t1)
-    assert sched.kept[("ten", "c")].blocks
-    sched.reset_executor_state()
+    assert kept(sched, ("ten", "c")).blocks
+    sched.on_executor_lost()
     ex = FakeExecutor()  # a new process: an empty pool
-    assert not sched.kept
+    assert not sched.conversations.kept()
     t2 = turn("t2", t1.tokens + [4])
     finish(sched, ex, None, t2)
     assert t2.reused_tokens == 0 and t2.output_ids == expected_output(t2.prompt_ids, 5)
-    sched.drop_conversation(("ten", "c"))
-    assert sched.allocator.num_free == 32
+    sched.conversations.end(("ten", "c"))
+    assert sched.blocks.num_free == 32
+
+
+def test_phases_say_where_a_preempted_requests_time_went(clock: FakeClock) -> None:
+    sched, ex = make_conversing(num_blocks=8, host_blocks=32, policy="priority"), FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=2, executor=ex)
+
+    def timed_step() -> None:  # each step (and each wait between steps) takes a second
+        plan = sched.schedule()
+        daemon.tick()
+        clock.now += 1.0
+        if plan is not None:
+            sched.on_step_output(ex.run(plan))
+
+    low = seq("low", prompt_len=6, max_tokens=10, priority=0)
+    sched.add(low)
+    for _ in range(4):  # a prefill step, then decodes
+        timed_step()
+    high = seq("high", prompt_len=27, max_tokens=2, priority=5)  # 8 blocks: low must leave the device
+    sched.add(high)
+    while not low.finished:
+        timed_step()
+    low_s, high_s = low.phases.seconds(), high.phases.seconds()
+    assert low.preemptions == 1 and low_s["queued"] == 0.0 and low_s["prefill"] == 1.0 and low_s["decode"] > 0
+    assert low_s["preempted"] > 0 and low_s["swap_in"] > 0, "swapped out, then waited for its KV to come back"
+    assert low_s["blocked"] > 0, "while high held the whole pool"
+    assert high_s["blocked"] > 0, "it waited for low's blocks to be copied out"
+    assert sum(low_s.values()) == low.phases.since - low.arrival
+    assert sum(high_s.values()) == high.phases.since - high.arrival

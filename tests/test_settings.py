@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from executor_svc.config import ExecutorConfig
+from openai_svc.config import HttpConfig
 from scheduler_svc.config import SchedulerConfig
 from svc_common.settings import add_arguments, env_names, from_args, to_argv
 from svc_common.stack import Stack, StackConfig
@@ -89,10 +90,32 @@ def test_every_service_variable_is_distinct_where_it_means_something_else() -> N
     sched, execu, swapd = env_names(SchedulerConfig), env_names(ExecutorConfig), env_names(SwapDaemonConfig)
     assert sched & execu == {"FASTSWITCH_MODEL"} | every
     assert sched & swapd == every and execu & swapd == every
+    assert not env_names(HttpConfig) & (sched | execu | swapd)
 
 
-@pytest.mark.parametrize("service", ["scheduler_svc", "executor_svc", "swap_daemon"])
+@pytest.mark.parametrize("service", ["scheduler_svc", "executor_svc", "swap_daemon", "openai_svc"])
 def test_a_bad_flag_value_exits_2_with_one_line(service: str) -> None:
     proc = subprocess.run([sys.executable, "-m", service, "--port", "-5"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "port" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_up_starts_the_http_front_only_with_an_http_port_and_points_it_at_the_scheduler() -> None:
+    assert "http" not in Stack(StackConfig.build(port=6000)).commands()
+    parser = argparse.ArgumentParser()
+    StackConfig.add_arguments(parser)
+    args = parser.parse_args(["--port", "6000", "--http-port", "8080", "--default-max-tokens", "64"])
+    stack = Stack(StackConfig.from_args(args))
+    http = stack.commands()["http"]
+    assert http[http.index("--port") + 1] == "8080"
+    assert http[http.index("--scheduler") + 1] == "127.0.0.1:6000"
+    assert http[http.index("--default-max-tokens") + 1] == "64"
+    assert stack.http_url == "http://127.0.0.1:8080"
+
+
+def test_the_http_port_comes_from_the_environment_on_up_and_on_the_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTSWITCH_HTTP_PORT", "8111")
+    parser = argparse.ArgumentParser()
+    StackConfig.add_arguments(parser)
+    assert StackConfig.from_args(parser.parse_args([])).http_port == 8111
+    assert _parse(HttpConfig, [], {"FASTSWITCH_HTTP_PORT": "8111"}).port == 8111

@@ -21,8 +21,8 @@ import pytest
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.policy import FCFS, Policy, make_policy
 from scheduler_svc.scheduler import Scheduler
-from scheduler_svc.sequence import Sequence, Status
-from scheduler_svc.vtc import TenantService, VirtualTokenCounter
+from scheduler_svc.sequence import RequestState, Sequence
+from scheduler_svc.vtc import VirtualTokenCounter
 from svc_common.plan import StepPlan
 from tests.test_scheduler import BLOCK, EOS, FakeExecutor, assert_ownership, seq
 
@@ -105,7 +105,7 @@ def test_vtc_keeps_backlogged_tenants_within_the_fairness_bound(num_blocks: int)
     assert widest <= BOUND, f"service gap {widest} exceeds the VTC bound {BOUND}: {ledger.raw}"
     assert ledger.raw["b"] > 0.8 * ledger.raw["a"]
     if num_blocks == 64:
-        assert sched.stats.counters["preemptions"] == 0, "with room to spare nobody is swapped out"
+        assert sched.stats.counter("preemptions") == 0, "with room to spare nobody is swapped out"
 
 
 def test_fcfs_lets_the_heavier_tenant_take_most_of_the_service() -> None:
@@ -123,7 +123,7 @@ def test_weighted_tenant_gets_service_in_proportion_to_its_weight() -> None:
     assert 1.6 < ledger.raw["a"] / ledger.raw["b"] < 2.4
     # Ranking waiting requests before they pay their prefill swapped tenants every step here (81
     # recompute preemptions for 60 requests); charging it up front leaves a handful.
-    assert sched.stats.counters["preemptions"] <= 10
+    assert sched.stats.counter("preemptions") <= 10
 
 
 def test_tenant_returning_from_idle_is_lifted_to_the_least_active_counter() -> None:
@@ -165,7 +165,6 @@ def test_arrival_never_lowers_a_counter_and_leaves_it_when_nobody_is_live() -> N
     assert vtc.service("new") == 0.0
     vtc.on_arrival(tenant_seq("b2", "b", 5.0), live=[a, b])
     assert vtc.service("b") == 4.0, "a live tenant is not lifted"
-    assert vtc.tenant_stats()["a"] == TenantService(counter=20.0, prompt_tokens=10, generated_tokens=5)
     assert vtc.tenant_service() == {"a": 20.0, "b": 4.0, "new": 0.0}
 
 
@@ -176,7 +175,7 @@ def test_order_serves_the_least_counter_first_interleaves_tenants_and_keeps_fcfs
     vtc.on_served(a[0], prompt_tokens=1, generated_tokens=0)  # a is 1 ahead: b goes first
     ranked = vtc.order([*reversed(b), *reversed(a)])
     assert [s.request_id for s in ranked] == ["b0", "a0", "b1", "a1", "b2", "a2"]
-    a[1].status = Status.RUNNING
+    a[1].move_to(RequestState.RUNNING)
     assert [s.request_id for s in vtc.order([a[1], a[0]])] == ["a0", "a1"], "FCFS within a tenant"
 
 
@@ -192,15 +191,20 @@ def test_order_serves_the_least_counter_first_interleaves_tenants_and_keeps_fcfs
         {"weights": {"a": 1.0, "b": -2.0}},
     ],
 )
-def test_invalid_prices_and_weights_are_rejected(kwargs: dict[str, object]) -> None:
+def test_invalid_prices_and_weights_are_rejected_by_the_policy_and_the_config(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         VirtualTokenCounter(**kwargs)  # type: ignore[arg-type]
+    names = {"prompt_price": "vtc_prompt_price", "gen_price": "vtc_gen_price", "weights": "tenant_weights"}
+    config = SchedulerConfig(policy="vtc", **{names[k]: v for k, v in kwargs.items()})  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        make_policy("vtc", **kwargs)
+        config.validate()
+    with pytest.raises(ValueError):
+        make_policy(config)
 
 
-def test_make_policy_builds_vtc_with_its_options() -> None:
-    policy = make_policy("vtc", prompt_price=0.5, gen_price=1.5, weights={"a": 3.0})
+def test_make_policy_builds_vtc_with_the_configs_prices_and_weights() -> None:
+    config = SchedulerConfig(policy="vtc", vtc_prompt_price=0.5, vtc_gen_price=1.5, tenant_weights={"a": 3.0})
+    policy = make_policy(config)
     assert isinstance(policy, VirtualTokenCounter) and policy.name == "vtc"
     assert (policy.prompt_price, policy.gen_price) == (0.5, 1.5)
     assert (policy.weight("a"), policy.weight("b")) == (3.0, 1.0)

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from fastswitch_bench.runner import PRESETS
+from fastswitch_bench.presets import PRESETS
 from fastswitch_bench.workload import (
     SHAREGPT_MEAN_TURNS,
     Workload,
@@ -137,6 +137,18 @@ def test_a_file_of_another_format_is_rejected(tmp_path) -> None:
     (tmp_path / "w.json").write_text('{"format": "something-else"}')
     with pytest.raises(ValueError, match="fastswitch-workload"):
         Workload.load(tmp_path / "w.json")
+
+
+def test_small_preset_pool_cannot_hold_the_live_conversations() -> None:
+    """Preemption and swapping must happen: the conversations' final contexts far exceed the device pool."""
+    preset = PRESETS["small"]
+    w = generate(preset.workload)
+    per_turn_overhead = 5  # chat template tokens around each message
+    contexts = [
+        30 + sum(t.prompt_tokens + t.max_tokens + 2 * per_turn_overhead for t in c.turns) for c in w.conversations
+    ]
+    assert sum(contexts) > 2.5 * preset.device_blocks * preset.block_size
+    assert max(contexts) < preset.device_blocks * preset.block_size  # but each one fits on its own
 
 
 @pytest.mark.model

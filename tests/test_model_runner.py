@@ -1,0 +1,213 @@
+"""The executor's step on a tiny random-weight model (`--load-format dummy`): the paged step's logits
+equal a plain full-sequence forward, whichever attention backend, eager or on the padded static
+buffers the CUDA-graph path uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton's kernels run under its interpreter (set before triton loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from executor_svc.config import ExecutorConfig  # noqa: E402
+from executor_svc.model_runner import ModelRunner  # noqa: E402
+from executor_svc.step_meta import ChunkSpec  # noqa: E402
+
+TINY = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 96,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "config.json").write_text(json.dumps(TINY))
+    old = os.environ.get("FASTSWITCH_CACHE")
+    os.environ["FASTSWITCH_CACHE"] = str(root / "cache")
+    yield str(root)
+    if old is None:
+        os.environ.pop("FASTSWITCH_CACHE")
+    else:
+        os.environ["FASTSWITCH_CACHE"] = old
+
+
+def make_runner(model: str, **overrides: object) -> ModelRunner:
+    config = ExecutorConfig(model=model, load_format="dummy", device_blocks=64, block_size=BLOCK, threads=2)
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return ModelRunner(config)
+
+
+@pytest.fixture(scope="module")
+def sdpa_runner(tiny_dir: str) -> Iterator[ModelRunner]:
+    runner = make_runner(tiny_dir)
+    yield runner
+    runner.close()
+
+
+# Three requests: a whole prompt, a prompt in two chunks (the second over a cached prefix), and a
+# one-token prompt; then decode steps for all three (teacher-forced tokens).
+SEQS = {
+    "a": list(range(300, 309)),
+    "b": list(range(500, 513)),
+    "c": [777],
+}
+TABLES = {"a": [3, 10, 11, 12, 13, 14], "b": [20, 21, 22, 23, 24, 25, 26], "c": [40, 41, 42]}
+DECODED = {"a": [5, 6, 7], "b": [8, 9, 10], "c": [11, 12, 13]}
+
+
+def scenario_steps() -> list[list[tuple[str, ChunkSpec]]]:
+    steps = [
+        [
+            ("a", ChunkSpec(SEQS["a"], 0, TABLES["a"], True)),
+            ("b", ChunkSpec(SEQS["b"][:5], 0, TABLES["b"], False)),
+            ("c", ChunkSpec(SEQS["c"], 0, TABLES["c"], True)),
+        ],
+        [("b", ChunkSpec(SEQS["b"][5:], 5, TABLES["b"], True))],
+    ]
+    for i in range(3):
+        steps.append(
+            [(name, ChunkSpec([DECODED[name][i]], len(SEQS[name]) + i, TABLES[name], True)) for name in ("a", "b", "c")]
+        )
+    return steps
+
+
+def run_scenario(runner: ModelRunner, decode_via=None) -> dict[str, list[torch.Tensor]]:  # noqa: ANN001
+    """Logits of every sampled chunk, per request; `decode_via` runs the decode-only steps."""
+    got: dict[str, list[torch.Tensor]] = {name: [] for name in SEQS}
+    for step in scenario_steps():
+        specs = [spec for _, spec in step]
+        forward = decode_via if decode_via is not None and all(s.is_decode for s in specs) else runner.forward
+        logits = forward(specs)
+        sampled = [name for name, spec in step if spec.sample]
+        for name, row in zip(sampled, logits, strict=True):
+            got[name].append(row.float().clone())
+    return got
+
+
+def reference_logits(runner: ModelRunner) -> dict[str, list[torch.Tensor]]:
+    """The same model's own forward over each whole sequence (transformers' SDPA attention)."""
+    model = runner.model
+    model.set_attn_implementation("sdpa")
+    try:
+        want = {}
+        for name, prompt in SEQS.items():
+            ids = prompt + DECODED[name]
+            with torch.inference_mode():
+                logits = model(torch.tensor([ids])).logits[0].float()
+            want[name] = [logits[len(prompt) - 1 + i] for i in range(len(DECODED[name]) + 1)]
+        return want
+    finally:
+        from executor_svc import paged_attention
+
+        model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)
+
+
+def assert_same(got: dict[str, list[torch.Tensor]], want: dict[str, list[torch.Tensor]], atol: float) -> None:
+    for name in SEQS:
+        assert len(got[name]) == len(want[name]), name
+        for i, (g, w) in enumerate(zip(got[name], want[name], strict=True)):
+            torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=f"request {name}, sampled chunk {i}")
+
+
+def test_paged_step_logits_equal_a_full_sequence_forward(sdpa_runner: ModelRunner) -> None:
+    assert_same(run_scenario(sdpa_runner), reference_logits(sdpa_runner), atol=1e-4)
+
+
+def test_dummy_weights_are_seeded_so_two_executors_agree(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
+    other = make_runner(tiny_dir)
+    try:
+        for (name, a), b in zip(sdpa_runner.model.state_dict().items(), other.model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+        assert sdpa_runner.model.model.layers[0].mlp.up_proj.weight.std() > 0.01  # random, not zeros
+    finally:
+        other.close()
+
+
+def test_padded_static_decode_path_matches_the_eager_step(sdpa_runner: ModelRunner) -> None:
+    from executor_svc.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(sdpa_runner, capture=False, buckets=(1, 2, 4), table_width=8)
+    assert graphs.bucket_for(3) == 4 and graphs.bucket_for(5) is None
+    too_long = ChunkSpec([1], 8 * BLOCK, list(range(9)), True)  # needs a 9th block: past the static width
+    assert graphs.run([too_long]) is None and graphs.run([ChunkSpec([1, 2], 0, [0], True)]) is None
+    assert_same(run_scenario(sdpa_runner, decode_via=graphs.run), run_scenario(sdpa_runner), atol=1e-5)
+    # Padded rows wrote only into the scratch block: the real blocks of an idle request are untouched.
+    assert sdpa_runner.pool.tensor[50:60].abs().sum() == 0
+
+
+@pytest.mark.slow
+def test_triton_backend_matches_sdpa_eager_and_padded(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
+    pytest.importorskip("triton")
+    from executor_svc.cuda_graphs import DecodeGraphs
+
+    runner = make_runner(tiny_dir, attention="triton")
+    try:
+        want = reference_logits(sdpa_runner)
+        assert_same(run_scenario(runner), want, atol=1e-4)
+        graphs = DecodeGraphs(runner, capture=False, buckets=(4,), table_width=8)
+        assert_same(run_scenario(runner, decode_via=graphs.run), want, atol=1e-4)
+    finally:
+        runner.close()
+
+
+def test_pool_has_a_scratch_block_past_the_ones_the_scheduler_owns(sdpa_runner: ModelRunner) -> None:
+    pool = sdpa_runner.pool
+    assert pool.num_blocks == 64 and pool.scratch_block == 64
+    assert pool.tensor.shape[0] == 65
+    assert pool.handle.startswith("shm:")
+
+
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_can_be_asked_for(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
+    assert sdpa_runner.dtype == torch.float32 and sdpa_runner.pool.tensor.dtype == torch.float32
+    runner = make_runner(tiny_dir, dtype="bfloat16")
+    try:
+        assert runner.pool.tensor.dtype == torch.bfloat16
+        assert next(runner.model.parameters()).dtype == torch.bfloat16
+        logits = runner.forward([ChunkSpec(SEQS["a"], 0, TABLES["a"], True)])
+        assert torch.isfinite(logits.float()).all()
+    finally:
+        runner.close()
+
+
+def test_a_config_only_directory_needs_dummy_weights(tiny_dir: str) -> None:
+    with pytest.raises(FileNotFoundError, match="--load-format dummy"):
+        make_runner(tiny_dir, load_format="auto")
+
+
+def test_device_blocks_zero_on_cpu_gives_the_fixed_cpu_pool(tiny_dir: str) -> None:
+    from executor_svc.config import CPU_DEFAULT_BLOCKS
+
+    runner = make_runner(tiny_dir, device_blocks=0)
+    try:
+        assert runner.pool.num_blocks == CPU_DEFAULT_BLOCKS
+    finally:
+        runner.close()
+
+
+def test_cuda_graphs_are_refused_without_triton_or_without_cuda(tiny_dir: str) -> None:
+    with pytest.raises(ValueError, match="--attention triton"):
+        ExecutorConfig(cuda_graphs=True).validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA device"):
+            make_runner(tiny_dir, attention="triton", cuda_graphs=True, device="cpu")
