@@ -20,6 +20,7 @@ that ends without a finish reason raises `IncompleteStream`: a cut stream is nev
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -582,6 +583,13 @@ class AsyncClient:
         if isinstance(typed, ServiceUnavailable):
             self._connected = False
         return typed
+
+    def with_api_key(self, api_key: str) -> AsyncClient:
+        """A client on this one's connection that acts with another API key (a front acting for its
+        callers). Close only the original: they share the channel."""
+        view = copy.copy(self)
+        view._metadata = _metadata(api_key)
+        return view
 
     async def __aenter__(self) -> AsyncClient:
         return self

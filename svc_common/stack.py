@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -99,7 +101,9 @@ class StackConfig:
         add_arguments(parser, SchedulerConfig, exclude={"executor_addr", "swapd_addr"})
         add_arguments(parser, ExecutorConfig, exclude={"port"})
         add_arguments(parser, SwapDaemonConfig, exclude={"port"})
-        add_arguments(parser, HttpConfig, exclude={"port", "bind", "scheduler_addr"})
+        # The HTTP front shares the scheduler's --api-keys and every service's --tls-cert/--tls-key.
+        shared = {"api_keys", "tls_cert", "tls_key"}
+        add_arguments(parser, HttpConfig, exclude={"port", "bind", "scheduler_addr", "scheduler_tls_ca", *shared})
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StackConfig:
@@ -143,14 +147,19 @@ def _port_free(port: int) -> bool:
 
 
 def wait_http_healthy(
-    url: str, timeout_s: float, procs: list[subprocess.Popen[bytes]] | None = None, log_dir: str | None = None
+    url: str,
+    timeout_s: float,
+    procs: list[subprocess.Popen[bytes]] | None = None,
+    log_dir: str | None = None,
+    tls_ca: str = "",
 ) -> None:
-    """Block until GET url answers 200; raise if a process dies first."""
+    """Block until GET url answers 200 (https verified against tls_ca); raise if a process dies first."""
     deadline = time.monotonic() + timeout_s
+    context = ssl.create_default_context(cafile=tls_ca) if tls_ca else None
     while True:
         _check_alive(procs, log_dir)
         try:
-            with urllib.request.urlopen(url, timeout=2.0) as resp:
+            with urllib.request.urlopen(url, timeout=2.0, context=context) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
@@ -225,7 +234,10 @@ class Stack:
     @property
     def http_url(self) -> str | None:
         """The HTTP front's base URL (`.../v1` is the OpenAI API), or None when it is off."""
-        return f"http://{dial_host(self.config.host)}:{self.config.http_port}" if self.config.http_port else None
+        if not self.config.http_port:
+            return None
+        scheme = "https" if self.config.http.tls_cert else "http"
+        return f"{scheme}://{dial_host(self.config.host)}:{self.config.http_port}"
 
     def commands(self) -> dict[str, list[str]]:
         """Each service's command line, derived from its config."""
@@ -243,7 +255,9 @@ class Stack:
             cmds["swapd"] = [py, "-m", "swap_daemon", *to_argv(swapd)]
         cmds["scheduler"] = [py, "-m", "scheduler_svc", *to_argv(scheduler)]
         if c.http_port:
-            http = dataclasses.replace(c.http, port=c.http_port, bind=c.host, scheduler_addr=f"{near}:{c.port}")
+            http = dataclasses.replace(
+                c.http, port=c.http_port, bind=c.host, scheduler_addr=f"{near}:{c.port}", scheduler_tls_ca=c.tls_ca
+            )
             cmds["http"] = [py, "-m", "openai_svc", *to_argv(http)]
         return cmds
 
@@ -265,7 +279,7 @@ class Stack:
                 self.procs.append(proc)
             wait_healthy(self.addr, timeout_s, self.procs, self.log_dir, self.config.tls_ca)
             if self.http_url:
-                wait_http_healthy(f"{self.http_url}/health", timeout_s, self.procs, self.log_dir)
+                wait_http_healthy(f"{self.http_url}/health", timeout_s, self.procs, self.log_dir, self.config.tls_ca)
         except BaseException:
             self.stop()
             raise
@@ -332,8 +346,9 @@ class Stack:
 
 
 def _unlink_kv_pool(pid: int) -> None:
-    """The executor's KV pool is named after its pid (executor_svc/kv_pool.py)."""
-    try:
-        os.unlink(f"/dev/shm/fastswitch-kv-{pid}")
-    except OSError:
-        pass
+    """The executor's KV pools are named after its pid (`fastswitch-kv-PID-N`, executor_svc/kv_pool.py)."""
+    for path in glob.glob(f"/dev/shm/fastswitch-kv-{pid}-*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

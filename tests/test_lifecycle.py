@@ -93,7 +93,7 @@ def test_the_cli_exits_non_zero_with_a_message_when_a_stream_is_cut(cutting_serv
         ["generate", "--max-tokens", "many", "hi"],
         ["generate", "--no-such-flag", "hi"],
         ["generate", "--tls-ca", "/no/such/ca.pem", "hi"],
-        ["up", "--device-blocks", "0"],
+        ["up", "--device-blocks", "-1"],
         ["up", "--api-keys", "/no/such/keys"],
         ["up", "--tls-cert", "/etc/hostname"],
         ["scheduler", "--max-waiting", "-1"],
