@@ -4,6 +4,8 @@ Conversation TTL and --max-conversations are the conversation cache's (tests/tes
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fastswitch.v1 import executor_pb2
@@ -70,3 +72,31 @@ def test_live_count_owner_and_tenant_counters_see_one_tenant_only() -> None:
     assert engine.tenant_counters("a") == {"live_requests": 2, "running": 0, "waiting": 2}
     engine.cancel(a1)
     assert engine.owner_of(a1) is None and engine.tenant_counters("a")["live_requests"] == 1
+
+
+def test_an_idle_conversation_expires_with_no_request_to_wake_the_step_loop() -> None:
+    from test_executor_faults import INFO, _Stub
+
+    async def scenario() -> None:
+        engine = Engine(SchedulerConfig(conversation_ttl_s=0.3), tokenizer=_Tokenizer())
+        engine.link._stub = _Stub(lambda plan, n: None)  # type: ignore[assignment]
+
+        async def connect() -> executor_pb2.ExecutorInfo:
+            engine.link.info = INFO
+            return INFO
+
+        engine.link.connect = connect  # type: ignore[method-assign]
+        await engine.start()
+        try:
+            seq = engine.submit(
+                GenerateInput(prompt="hello", max_tokens=2, sampling=Sampling(), tenant="t", conversation_id="c")
+            )
+            async for _ in engine.stream(seq):
+                pass
+            assert engine.stats()["conversations"] == 1
+            await asyncio.sleep(1.0)  # idle: only the sweep wakes the loop, which expires the conversation
+            assert engine.stats()["conversations"] == 0 and engine.stats()["conversations_expired"] == 1
+        finally:
+            await engine.stop()
+
+    asyncio.run(scenario())
