@@ -6,7 +6,7 @@ PORT ?= 50051
 PROMPT ?= What is the capital of France?
 BENCH_OUT ?= bench-results/small
 
-.PHONY: install demo test test-fast check-lowest dist bench bench-swap bench-structured bench-http proto lint clean gpu-check
+.PHONY: install demo test test-slow test-fast check-lowest dist bench bench-swap bench-structured bench-http proto lint clean gpu-check
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -46,8 +46,12 @@ demo: install
 	$(PY) -m fastswitch.cli generate --addr localhost:$(PORT) --chat --max-tokens 64 "$(PROMPT)"; rc=$$?; \
 	kill -TERM $$pid; wait $$pid; exit $$rc
 
+# The everyday suite: everything but the end-to-end tests marked slow (CI runs those too: test-slow).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 test-fast: install
 	$(PY) -m pytest -q -m "not model"

@@ -332,6 +332,13 @@ def build_parser(server: bool = True) -> argparse.ArgumentParser:
         "--load-format", choices=["auto", "dummy"], default=None, help="dummy: random weights from config.json"
     )
     bench.add_argument("--executors", type=int, default=None, help="executor nodes per stack")
+    bench.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other `fastswitch up` setting for the stacks (repeatable), e.g. --set attention=triton",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.add_argument(
         "--stall-timeout", type=float, default=60.0, help="end a mode's replay after this long without a token"

@@ -57,9 +57,14 @@ class ModelOptions:
     dtype: str | None = None  # auto | bfloat16 | float16 | float32
     load_format: str | None = None  # auto | dummy (random weights from the directory's config.json)
     executors: int | None = None
+    settings: tuple[tuple[str, Any], ...] = ()  # any other stack setting (`--set NAME=VALUE`), stacks only
 
     def stack_settings(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        knobs = {k: v for k, v in asdict(self).items() if v is not None and k != "settings"}
+        return {**knobs, **dict(self.settings)}
+
+
+NO_OPTIONS = ModelOptions()  # no knob given: every default applies
 
 
 @dataclass(slots=True)
@@ -73,7 +78,7 @@ class ModeRun:
     notes: str
 
 
-def stack_config(mode: str, preset: Preset, workload: Workload, options: ModelOptions = ModelOptions()) -> Any:
+def stack_config(mode: str, preset: Preset, workload: Workload, options: ModelOptions = NO_OPTIONS) -> Any:
     """The StackConfig of a stack mode: the preset's pool and batch, the workload's priority churn, the
     mode's switch and the user's model knobs. Raises ValueError for a knob this stack does not have."""
     from svc_common.stack import StackConfig, free_port_base
@@ -104,7 +109,7 @@ def run_stack_mode(
     addr: str | None,
     progress: bool,
     stall_timeout_s: float = 60.0,
-    options: ModelOptions = ModelOptions(),
+    options: ModelOptions = NO_OPTIONS,
 ) -> ModeRun:
     """Start the mode's stack (or use the one at addr), replay the workload against it, stop it."""
     if addr:
@@ -133,7 +138,7 @@ def run_peer_mode(
     preset: Preset,
     workload: Workload,
     progress: bool,
-    options: ModelOptions = ModelOptions(),
+    options: ModelOptions = NO_OPTIONS,
 ) -> ModeRun:
     """Replay the workload as waves on `transformers`' continuous batching, the model loaded as the stack loads it."""
     from tqdm.auto import tqdm
@@ -167,6 +172,6 @@ def run_peer_mode(
         )
         for t in result.turns
     ]
-    knobs = [f"{k}={v}" for k, v in options.stack_settings().items() if k != "executors"]
+    knobs = [f"{k}={v}" for k in ("model", "dtype", "load_format") if (v := getattr(options, k)) is not None]
     notes = PEER_NOTES + (f" Loaded with {', '.join(knobs)}." if knobs else "")
     return ModeRun(records, result.wall_s, {}, False, notes)

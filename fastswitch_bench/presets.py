@@ -115,7 +115,9 @@ PRESETS: dict[str, Preset] = {
             priority_update_prob=0.02,
         ),
         device_blocks=4096,
-        host_blocks=65536,
+        # 24,576 host blocks: 48 GiB pinned with an 8B shape's 2 MiB blocks (the lent machine has 128 GiB;
+        # 65,536 asked for all of it), 6x the device pool.
+        host_blocks=24576,
         max_running=128,
         max_step_tokens=2048,
     ),

@@ -200,6 +200,9 @@ def main(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     started = time.perf_counter()
     try:
+        from svc_common.stack import StackConfig
+
+        settings = tuple(StackConfig.parse_setting(item) for item in args.set)
         bench = prepare(
             args.preset,
             args.modes.split(",") if args.modes else None,
@@ -207,7 +210,7 @@ def main(args: argparse.Namespace) -> int:
             workload_path=args.workload,
             device_blocks=args.device_blocks,
             host_blocks=args.host_blocks,
-            options=ModelOptions(args.model, args.dtype, args.load_format, args.executors),
+            options=ModelOptions(args.model, args.dtype, args.load_format, args.executors, settings),
             seed=args.seed,
             conversations=args.conversations,
             rate_per_s=args.rate,

@@ -92,6 +92,27 @@ def _type_name(f: dataclasses.Field[Any]) -> str:
     return t.split("[")[0].split("|")[0].strip()
 
 
+def parse_value(config_type: type, name: str, text: str) -> Any:
+    """A setting's value read from text, by its field's type and choices: `parse_value(ExecutorConfig,
+    "cuda_graphs", "on")` is True. Raises KeyError for a name the config lacks, ValueError for bad text."""
+    for f, s in _settings(config_type):
+        if f.name != name:
+            continue
+        kind = _type_name(f)
+        if kind == "bool":
+            return _bool(text, name)
+        if s.item is not None:
+            return dict(s.item(part) for part in text.split(",") if part.strip())
+        try:
+            value = _scalar(kind)(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r}: expected {'an' if kind == 'int' else 'a'} {kind}") from None
+        if s.choices and value not in s.choices:
+            raise ValueError(f"{name}={text!r}: expected one of {', '.join(s.choices)}")
+        return value
+    raise KeyError(name)
+
+
 def _from_env(f: dataclasses.Field[Any], s: Setting, environ: dict[str, str]) -> Any:
     """The field's default, overridden by its environment variable when that is set."""
     default = _default(f)

@@ -30,7 +30,7 @@ from executor_svc.config import ExecutorConfig
 from openai_svc.config import HttpConfig
 from scheduler_svc.config import SchedulerConfig
 from svc_common.server import dial_host, sync_channel
-from svc_common.settings import add_arguments, field_names, setting, to_argv
+from svc_common.settings import add_arguments, field_names, parse_value, setting, to_argv
 from swap_daemon.config import SwapDaemonConfig
 
 
@@ -104,6 +104,21 @@ class StackConfig:
         # The HTTP front shares the scheduler's --api-keys and every service's --tls-cert/--tls-key.
         shared = {"api_keys", "tls_cert", "tls_key"}
         add_arguments(parser, HttpConfig, exclude={"port", "bind", "scheduler_addr", "scheduler_tls_ca", *shared})
+
+    @classmethod
+    def parse_setting(cls, item: str) -> tuple[str, Any]:
+        """`NAME=VALUE` (a `fastswitch up` flag's name, with `_` or `-`) as (name, typed value), so that any
+        setting can be passed through to `build`: `parse_setting("cuda-graphs=on")` is ("cuda_graphs", True)."""
+        name, sep, text = item.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not sep or not name:
+            raise ValueError(f"{item!r}: expected NAME=VALUE, e.g. attention=triton")
+        for config_type in (SchedulerConfig, ExecutorConfig, SwapDaemonConfig, HttpConfig, cls):
+            try:
+                return name, parse_value(config_type, name, text.strip())
+            except KeyError:
+                continue
+        raise ValueError(f"{name}: no such setting (`fastswitch up --help` lists them)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> StackConfig:

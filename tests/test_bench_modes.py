@@ -68,6 +68,34 @@ def test_dtype_and_load_format_reach_the_executor_or_are_refused_before_any_stac
             stack_config("fastswitch", SMALL, workload, options)
 
 
+def test_any_stack_setting_passes_through_typed_and_a_bad_one_is_refused_up_front() -> None:
+    from svc_common.stack import StackConfig
+
+    settings = tuple(
+        StackConfig.parse_setting(item) for item in ("attention=triton", "--cuda-graphs=on", "max_running=7")
+    )
+    assert settings == (("attention", "triton"), ("cuda_graphs", True), ("max_running", 7))
+    c = stack_config("fastswitch", SMALL, generate(SMALL.workload), ModelOptions(settings=settings[:1]))
+    assert c.executor.attention == "triton"
+    assert ModelOptions(dtype="float32", settings=settings[1:2]).stack_settings() == {
+        "dtype": "float32",
+        "cuda_graphs": True,
+    }
+    for bad, message in (
+        ("attention=flash", "expected one of sdpa, triton"),
+        ("max_running=many", "expected an int"),
+        ("no_such_knob=1", "no such setting"),
+        ("attention", "expected NAME=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            StackConfig.parse_setting(bad)
+
+
+def test_the_gpu_preset_host_pool_fits_the_lent_machine_with_8b_blocks() -> None:
+    gib = PRESETS["gpu"].host_blocks * 2 * 1024**2 / 1024**3  # 2 MiB blocks of the llama3-8b shape
+    assert 32 <= gib <= 64
+
+
 @pytest.fixture(scope="module")
 def config_only_model(tmp_path_factory) -> str:
     """A model directory with only a config.json (a tiny Llama over SmolLM2's vocabulary), for dummy weights."""

@@ -190,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", default=str(ROOT / "docs" / "gpu-report.md"))
     parser.add_argument("--model", default="llama3-8b", help="shape for the step bench and the GPU bench")
     parser.add_argument("--conversations", type=int, default=60, help="GPU bench size (about 5.5 requests each)")
+    parser.add_argument(
+        "--bench-set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a stack setting for the GPU bench (repeatable), e.g. --bench-set attention=triton",
+    )
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: tests,copy,step,bench")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
@@ -236,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [py, "-m", "fastswitch.cli", "bench", "--preset", "gpu", "--model", args.model]
         cmd += ["--load-format", "dummy", "--dtype", "bfloat16", "--modes", "fastswitch,vllm-like,recompute"]
         cmd += ["--conversations", str(args.conversations), "--out", str(out), "--json", str(out / "results.json")]
+        for item in args.bench_set:
+            cmd += ["--set", item]
         report.add(run_step(f"GPU bench, {args.model}", cmd, timeout_s=540, tail=60))
     write_report(Path(args.report), report, gpu, argv)
     print(f"gpu-check: wrote {args.report}", flush=True)
