@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from svc_common.settings import setting, tls_cert_setting, tls_key_setting, validate_tls
+from svc_common.settings import api_keys_setting, setting, tls_cert_setting, tls_key_setting, validate_tls
 
 
 @dataclass(slots=True)
@@ -28,10 +28,7 @@ class HttpConfig:
     )  # fmt: skip
 
     # Security (issue 13): the same key file and rules as the scheduler's (svc_common/auth.py).
-    api_keys: str = setting(
-        "", env="FASTSWITCH_API_KEYS", metavar="FILE",
-        help="key file, lines `KEY TENANT [max-priority=P] [max-requests=N] [admin]` (empty: open, no auth)",
-    )  # fmt: skip
+    api_keys: str = api_keys_setting()
     tls_cert: str = tls_cert_setting()
     tls_key: str = tls_key_setting()
     scheduler_tls_ca: str = setting(

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from scheduler_svc.vtc import check_prices
 from svc_common.settings import (
+    api_keys_setting,
     bind_host_setting,
     drain_timeout_setting,
     setting,
@@ -110,10 +111,7 @@ class SchedulerConfig:
         "", env="FASTSWITCH_LINK_TLS_CA", metavar="FILE",
         help="PEM CA that signed the executor's and swap daemon's certificates: the links to them use TLS",
     )  # fmt: skip
-    api_keys: str = setting(
-        "", env="FASTSWITCH_API_KEYS", metavar="FILE",
-        help="key file, lines `KEY TENANT [max-priority=P] [max-requests=N] [admin]` (empty: open, no auth)",
-    )  # fmt: skip
+    api_keys: str = api_keys_setting()
     max_waiting: int = setting(
         1024, env="FASTSWITCH_MAX_WAITING", help="queued requests before new ones get RESOURCE_EXHAUSTED"
     )

@@ -284,6 +284,14 @@ def tls_key_setting() -> Any:
     return setting("", env="FASTSWITCH_TLS_KEY", metavar="FILE", help="PEM private key of --tls-cert")
 
 
+def api_keys_setting() -> Any:
+    """The key file of a front that serves clients (the scheduler's gRPC API, the HTTP API): svc_common/auth.py."""
+    return setting(
+        "", env="FASTSWITCH_API_KEYS", metavar="FILE",
+        help="key file, lines `KEY TENANT [max-priority=P] [max-requests=N] [admin]` (empty: open, no auth)",
+    )  # fmt: skip
+
+
 def drain_timeout_setting() -> Any:
     return setting(
         30.0, flag="--drain-timeout", env="FASTSWITCH_DRAIN_TIMEOUT_S",
