@@ -76,7 +76,7 @@ def test_the_http_port_serves_https_to_a_client_that_trusts_the_certificate(secu
         base_url=secure["url"] + "/v1",
         api_key="k-bob",
         max_retries=0,
-        http_client=openai.DefaultHttpxClient(verify=secure["ca"]),
+        http_client=openai.DefaultHttpxClient(verify=secure["tls"]),
     )
     reply = api.chat.completions.create(model="", messages=CHAT["messages"], max_tokens=2, temperature=0)
     assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 2
