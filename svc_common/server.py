@@ -37,6 +37,9 @@ KEEPALIVE_OPTIONS = [
 SERVER_KEEPALIVE_OPTIONS = [
     *KEEPALIVE_OPTIONS,
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 30_000),
+    # Never GOAWAY a peer for "too many pings": an executor did so to an idle scheduler's Execute stream
+    # after 4 minutes (ENHANCE_YOUR_CALM), which the scheduler then took for a lost executor.
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
