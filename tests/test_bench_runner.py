@@ -171,6 +171,7 @@ def test_a_config_only_model_directory_borrows_the_default_tokenizer(tmp_path) -
     assert name == resolve_model(None).name and tokenizer("Hello")["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.model
 def test_tiny_preset_runs_two_modes_and_writes_every_output(tmp_path) -> None:
     results = run("tiny", ["fastswitch", "vllm-like"], tmp_path, progress=False)

@@ -106,6 +106,7 @@ def test_sdk_conversation_sends_turns_and_frees_the_kept_kv_on_exit(stack, token
     assert stats["device_blocks_free"] == stats["device_blocks_total"]
 
 
+@pytest.mark.slow
 def test_kv_spilled_to_the_host_is_reused_and_a_later_spill_moves_only_new_blocks(
     spill_stack, tokenizer, reference
 ) -> None:

@@ -29,6 +29,7 @@ def _generate_all(addr: str, prompts: list[str], **kwargs: object) -> list[objec
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_concurrent_greedy_outputs_match_transformers_generate(stack, tokenizer, reference) -> None:
     results = _generate_all(stack.addr, PROMPTS, max_tokens=MAX_NEW)
     verdicts = []
@@ -181,6 +182,7 @@ def test_the_last_chunk_says_where_the_requests_time_went(stack) -> None:
     assert 0 < sum(phases.values()) <= elapsed
 
 
+@pytest.mark.slow
 def test_tiny_pool_preempts_and_outputs_still_match_generate(tiny_pool_stack, tokenizer, reference) -> None:
     prompts = PROMPTS[:8]
     results = _generate_all(tiny_pool_stack.addr, prompts, max_tokens=40, ignore_eos=True)

@@ -53,6 +53,7 @@ def mode_stack(request, model_dir):  # noqa: ANN001, ANN201
     yield from start_stack(preemption=request.param, **TINY)
 
 
+@pytest.mark.slow
 def test_outputs_match_generate_under_heavy_preemption_and_priority_flips(mode_stack, tokenizer, reference) -> None:
     prompts = PROMPTS[:N_PROMPTS]
     results = asyncio.run(_run_with_priority_flips(mode_stack.addr, prompts, seed=1))
@@ -88,6 +89,7 @@ def mode_stack_block_bytes(stats: dict[str, float]) -> float:
     return 30 * 2 * 16 * 3 * 64 * 4
 
 
+@pytest.mark.slow
 def test_killing_the_swap_daemon_mid_run_falls_back_to_recompute_and_completes(model_dir, tokenizer, reference) -> None:
     with running_stack(preemption="swap", **TINY) as stack:
         prompts = PROMPTS[:N_PROMPTS]
@@ -109,6 +111,7 @@ def test_killing_the_swap_daemon_mid_run_falls_back_to_recompute_and_completes(m
         assert_match_generate(reference, tokenizer, prompts, results)
 
 
+@pytest.mark.slow
 def test_stress_with_priorities_cancels_and_disconnects_leaves_pools_exactly_full(model_dir) -> None:
     with running_stack(preemption="swap", **TINY) as stack:
         rng = random.Random(7)
@@ -158,6 +161,7 @@ def test_stress_with_priorities_cancels_and_disconnects_leaves_pools_exactly_ful
         assert stats["host_blocks_free"] == stats["host_blocks_total"]
 
 
+@pytest.mark.slow
 def test_an_executor_that_dies_mid_run_is_replaced_and_every_request_completes_correctly(
     model_dir, tokenizer, reference
 ) -> None:

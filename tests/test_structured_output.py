@@ -148,6 +148,7 @@ def check_constrained(
     return "near-tie"
 
 
+@pytest.mark.slow
 def test_outputs_are_valid_against_held_out_schemas_and_regexes_under_preemption_and_swap(
     pressed_stack,
     tokenizer,
