@@ -5,6 +5,13 @@ stats), in front of the scheduler and the executor link that drives it.
 conversation cache, plus the new turn) and queues it; the executor link's step loop hands back each
 step's tokens, which are detokenised here and streamed to the client. A request's last chunk
 carries its finish reason and the seconds it spent in each phase.
+
+Admission happens here, before anything is allocated: a full queue (`max_waiting`) is
+RESOURCE_EXHAUSTED with a retry hint, a prompt plus max_tokens beyond the model's context is
+INVALID_ARGUMENT. Who may do what (keys, priority caps, ownership) is svc_common/auth.py's, applied by
+the gRPC servicer with the helpers below (`live_count`, `owner_of`, `tenant_counters`). Requests the
+link gives up on end with the link's error (INTERNAL for a step that failed twice, UNAVAILABLE for an
+executor gone too long).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,8 +32,16 @@ from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.grammar import Grammars, OutputConstraint
 from scheduler_svc.metrics import Metrics
 from scheduler_svc.scheduler import Scheduler, TokenEvent
-from scheduler_svc.sequence import Finish, Sequence
-from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
+from scheduler_svc.sequence import Finish, RequestState, Sequence
+from svc_common.errors import (
+    REFUSED,
+    AlreadyExists,
+    InvalidArgument,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServingError,
+    Unavailable,
+)
 from svc_common.plan import Sampling, StepPlan
 
 log = structlog.get_logger(__name__)
@@ -43,6 +58,7 @@ class Chunk:
     produced_unix_ns: int
     finish: Finish | None = None
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, on the last chunk
+    error: type[ServingError] = Unavailable  # raised to the client when finish is ERROR
 
 
 @dataclass(slots=True)
@@ -75,13 +91,26 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: SchedulerConfig, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        tokenizer: Any = None,
+        on_attached: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_attached(bool)`: whether an executor is attached now (the host's health)."""
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
         self.scheduler: Scheduler | None = None
         self.live: dict[str, _Live] = {}
-        self.link = ExecutorLink(config, on_tokens=self._on_tokens, on_gone=self._fail_all, on_plan=self._on_plan)
+        self.link = ExecutorLink(
+            config,
+            on_tokens=self._on_tokens,
+            on_fail=self._fail_requests,
+            on_plan=self._on_plan,
+            on_attached=on_attached,
+        )
+        self._sweeper: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self._grammars: Grammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
@@ -104,11 +133,22 @@ class Engine:
             policy=self.config.policy,
         )
         self.link.run(self.scheduler)
+        self._sweeper = asyncio.create_task(self._sweep(), name="conversation-sweep")
 
     def _eos_ids(self) -> set[int]:
         return {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
 
+    async def _sweep(self) -> None:
+        """While idle the step loop never schedules, so nothing expires conversations: wake it now and
+        then (the conversation cache expires them when the loop schedules)."""
+        period = max(0.05, min(5.0, self.config.conversation_ttl_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.link.wake()
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         await self.link.stop()
         for live in list(self.live.values()):
             self._end(live, Finish.CANCELLED)
@@ -123,7 +163,7 @@ class Engine:
             self._emit(live, event.token_id, produced_ns)
             # A step finishes only requests it produced a token for (length, EOS, stop string).
             if live.seq.finish is Finish.ERROR and live.seq.grammar is not None:
-                self._fail(live, live.seq.grammar.error or "the output left the request's grammar")
+                self._fail(live, ServingError(live.seq.grammar.error or "the output left the request's grammar"))
             elif live.seq.finished:
                 self._end(live, live.seq.finish or Finish.CANCELLED)
 
@@ -159,19 +199,22 @@ class Engine:
             **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
         )
 
-    def _fail(self, live: _Live, message: str) -> None:
+    def _fail(self, live: _Live, error: ServingError) -> None:
         """End one request with an error the client sees (the others carry on)."""
+        if self.scheduler is not None:
+            self.scheduler.abort(live.seq.request_id, Finish.ERROR)  # no-op if it has finished already
         self.live.pop(live.seq.request_id, None)
-        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
+        live.queue.put_nowait(Chunk([], str(error), time.time_ns(), Finish.ERROR, error=type(error)))
         self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
+        log.warning("request_failed", request_id=live.seq.request_id, tenant=live.seq.tenant, reason=str(error))
 
-    def _fail_all(self, message: str) -> None:
-        for live in list(self.live.values()):
-            if self.scheduler is not None:
-                self.scheduler.abort(live.seq.request_id, Finish.ERROR)
-            self.live.pop(live.seq.request_id, None)
-            live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
-            self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
+    def _fail_requests(self, request_ids: list[str] | None, error: ServingError) -> None:
+        """The link gave up on these requests (None: every live one)."""
+        ids = list(self.live) if request_ids is None else request_ids
+        for request_id in ids:
+            live = self.live.get(request_id)
+            if live is not None:
+                self._fail(live, error)
 
     # -- structured output ------------------------------------------------------------------------
 
@@ -208,6 +251,12 @@ class Engine:
         if any(not s for s in req.stop):
             raise InvalidArgument("stop strings must be non-empty")
         tenant = req.tenant or "default"
+        if len(sched.waiting) >= self.config.max_waiting:
+            raise ResourceExhaustedError(
+                f"the queue is full ({len(sched.waiting)} requests waiting, --max-waiting "
+                f"{self.config.max_waiting}): retry in a second",
+                retry_after_s=1.0,
+            )
         request_id = req.request_id or uuid.uuid4().hex
         if request_id in self.live:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
@@ -275,7 +324,7 @@ class Engine:
                 chunk = await live.queue.get()
                 if chunk.finish is Finish.ERROR:
                     done = True
-                    raise Unavailable(chunk.text)
+                    raise chunk.error(chunk.text)
                 yield chunk
                 if chunk.finish is not None:
                     done = True
@@ -306,6 +355,21 @@ class Engine:
             raise NotFoundError(f"tenant {tenant!r} has no conversation {conversation_id!r}")
         self.link.wake()
 
+    def live_count(self, tenant: str) -> int:
+        """Live requests of one tenant (a key's max-requests)."""
+        return sum(1 for live in self.live.values() if live.seq.tenant == tenant)
+
+    def owner_of(self, request_id: str) -> str | None:
+        """The tenant of a live request; None when no such request is live."""
+        live = self.live.get(request_id)
+        return None if live is None else live.seq.tenant
+
+    def tenant_counters(self, tenant: str) -> dict[str, float]:
+        """One tenant's own figures: what a key that is not an admin's may see."""
+        seqs = [live.seq for live in self.live.values() if live.seq.tenant == tenant]
+        running = sum(1 for seq in seqs if seq.state is RequestState.RUNNING)
+        return {"live_requests": len(seqs), "running": running, "waiting": len(seqs) - running}
+
     def stats(self) -> dict[str, float]:
         counters: dict[str, float] = {"swap_out_bytes_saved": 0, "device_blocks_free": 0, "host_blocks_free": 0}
         sched, info = self.scheduler, self.link.info
@@ -318,6 +382,7 @@ class Engine:
             counters["swap_out_bytes_saved"] = sched.stats.counter("swap_out_blocks_saved") * block_bytes
             counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in sched.stats.tenants().values()))
         counters["live_requests"] = len(self.live)
+        counters.update({f"refused_{code}": float(n) for code, n in REFUSED.items()})
         if self._grammars is not None:  # structured output: masks filled on the step loop, and their cost
             counters["grammar_fills"] = self._grammars.fills
             counters["grammar_fill_s"] = self._grammars.fill_s

@@ -48,7 +48,7 @@ def test_a_copy_landing_while_its_order_is_sent_wakes_the_loop() -> None:
     async def scenario() -> None:
         config = SchedulerConfig(max_step_tokens=16, max_running=1, policy="priority", swapd_addr="daemon")
         sched = Scheduler(config, num_blocks=8, block_size=BLOCK, eos_token_ids={0})
-        link = ExecutorLink(config, on_tokens=lambda events, ns: None, on_gone=lambda message: None)
+        link = ExecutorLink(config, on_tokens=lambda events, ns: None, on_fail=lambda ids, error: None)
         link.scheduler = sched
         link.swapd = SwapDaemonLink("daemon", sched, on_change=link.wake)
         executor = FakeExecutor()
