@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from scheduler_svc.vtc import check_prices
-from svc_common.settings import setting
+from svc_common.settings import (
+    api_keys_setting,
+    bind_host_setting,
+    drain_timeout_setting,
+    setting,
+    tls_cert_setting,
+    tls_key_setting,
+    validate_tls,
+)
 from svc_common.swap import Granularity
 
 POLICIES = ("fcfs", "priority", "vtc")
@@ -120,6 +129,26 @@ class SchedulerConfig:
         default_factory=dict, flag="--tenant-weight", env="FASTSWITCH_TENANT_WEIGHTS", item=_tenant_weight,
         metavar="TENANT=WEIGHT", help="VTC weight of a tenant (default 1)",
     )  # fmt: skip
+    # Security, admission and lifecycle (issue 13).
+    host: str = bind_host_setting()
+    tls_cert: str = tls_cert_setting()
+    tls_key: str = tls_key_setting()
+    link_tls_ca: str = setting(
+        "", env="FASTSWITCH_LINK_TLS_CA", metavar="FILE",
+        help="PEM CA that signed the executor's and swap daemon's certificates: the links to them use TLS",
+    )  # fmt: skip
+    api_keys: str = api_keys_setting()
+    max_waiting: int = setting(
+        1024, env="FASTSWITCH_MAX_WAITING", help="queued requests before new ones get RESOURCE_EXHAUSTED"
+    )
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024, env="FASTSWITCH_MAX_MESSAGE_BYTES", help="largest client request accepted, in bytes"
+    )
+    drain_timeout_s: float = drain_timeout_setting()
+    step_timeout_s: float = setting(
+        120.0, flag="--step-timeout", env="FASTSWITCH_STEP_TIMEOUT_S",
+        help="seconds one step may take before the executor counts as lost",
+    )  # fmt: skip
 
     @property
     def nodes(self) -> list[NodeAddress]:
@@ -179,3 +208,16 @@ class SchedulerConfig:
             raise ValueError("an executor is named twice: give each node once")
         if self.swapd_addr and len(nodes) > 1:
             raise ValueError("--swapd names the daemon of a single node; with several, write --executor EXEC,SWAPD")
+        validate_tls(self.tls_cert, self.tls_key)
+        if self.link_tls_ca and not os.path.isfile(self.link_tls_ca):
+            raise ValueError(f"--link-tls-ca {self.link_tls_ca}: no such file")
+        if self.api_keys and not os.path.isfile(self.api_keys):
+            raise ValueError(f"--api-keys {self.api_keys}: no such file")
+        if self.max_waiting <= 0:
+            raise ValueError(f"max waiting must be > 0, got {self.max_waiting}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max message bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step timeout must be > 0, got {self.step_timeout_s}")

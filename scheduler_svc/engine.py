@@ -5,6 +5,13 @@ stats), in front of the fleet of executor nodes and the links that drive them.
 conversation cache, plus the new turn) and queues it on the node the fleet places it on; each node's
 step loop hands back its step's tokens, which are detokenised here and streamed to the client. A
 request's last chunk carries its finish reason and the seconds it spent in each phase.
+
+Admission happens here, before anything is allocated: a full queue (`max_waiting`) is
+RESOURCE_EXHAUSTED with a retry hint, a prompt plus max_tokens beyond the model's context is
+INVALID_ARGUMENT. Who may do what (keys, priority caps, ownership) is svc_common/auth.py's, applied by
+the gRPC servicer with the helpers below (`live_count`, `owner_of`, `tenant_counters`). Requests a
+node's link gives up on end with the link's error (INTERNAL for a step that failed twice, UNAVAILABLE for a
+node gone too long).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +34,16 @@ from scheduler_svc.fleet import Fleet, Node
 from scheduler_svc.grammar import Grammars, OutputConstraint
 from scheduler_svc.metrics import Metrics
 from scheduler_svc.scheduler import TokenEvent
-from scheduler_svc.sequence import Finish, Sequence
-from svc_common.errors import AlreadyExists, InvalidArgument, NotFoundError, ResourceExhaustedError, Unavailable
+from scheduler_svc.sequence import Finish, RequestState, Sequence
+from svc_common.errors import (
+    REFUSED,
+    AlreadyExists,
+    InvalidArgument,
+    NotFoundError,
+    ResourceExhaustedError,
+    ServingError,
+    Unavailable,
+)
 from svc_common.plan import Sampling, StepPlan
 
 log = structlog.get_logger(__name__)
@@ -45,6 +60,7 @@ class Chunk:
     produced_unix_ns: int
     finish: Finish | None = None
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, on the last chunk
+    error: type[ServingError] = Unavailable  # raised to the client when finish is ERROR
 
 
 @dataclass(slots=True)
@@ -77,16 +93,32 @@ class _Live:
 
 
 class Engine:
-    def __init__(self, config: SchedulerConfig, tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        tokenizer: Any = None,
+        on_attached: Callable[[bool], Awaitable[None]] | None = None,
+    ) -> None:
+        """`on_attached(bool)`: whether an executor is attached now (the host's health)."""
         config.validate()
         self.config = config
         self.tokenizer = tokenizer
         self.fleet = Fleet(config)
         self.live: dict[str, _Live] = {}
+        self._on_fleet_health = on_attached
         self.links = [
-            ExecutorLink(config, self.fleet, n, self._on_tokens, self._fail_node, on_plan=self._on_plan)
+            ExecutorLink(
+                config,
+                self.fleet,
+                n,
+                self._on_tokens,
+                on_fail=self._fail_requests,
+                on_plan=self._on_plan,
+                on_attached=self._node_attached,
+            )
             for n in self.fleet.nodes
         ]
+        self._sweeper: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self._grammars: Grammars | None = None  # built on the first constrained request
         self._grammars_lock = threading.Lock()
@@ -114,11 +146,27 @@ class Engine:
                 )
             await asyncio.sleep(0.05)
         log.info("fleet_ready", nodes=len(self.fleet.up_nodes()), of=len(self.links), policy=self.config.policy)
+        self._sweeper = asyncio.create_task(self._sweep(), name="conversation-sweep")
 
     def _eos_ids(self) -> set[int]:
         return {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()
 
+    async def _node_attached(self, attached: bool) -> None:
+        """A node's executor came or went: the service is healthy while any node is up."""
+        if self._on_fleet_health is not None:
+            await self._on_fleet_health(bool(self.fleet.up_nodes()))
+
+    async def _sweep(self) -> None:
+        """While idle the step loop never schedules, so nothing expires conversations: wake it now and
+        then (the conversation cache expires them when the loop schedules)."""
+        period = max(0.05, min(5.0, self.config.conversation_ttl_s / 4))
+        while True:
+            await asyncio.sleep(period)
+            self.fleet.wake()
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for link in self.links:
             await link.stop()
         for live in list(self.live.values()):
@@ -138,7 +186,7 @@ class Engine:
             self._emit(live, event.token_id, produced_ns)
             # A step finishes only requests it produced a token for (length, EOS, stop string).
             if live.seq.finish is Finish.ERROR and live.seq.grammar is not None:
-                self._fail(live, live.seq.grammar.error or "the output left the request's grammar")
+                self._fail(live, ServingError(live.seq.grammar.error or "the output left the request's grammar"))
             elif live.seq.finished:
                 self._end(live, live.seq.finish or Finish.CANCELLED)
 
@@ -173,21 +221,21 @@ class Engine:
             **{f"{name}_s": round(seconds, 4) for name, seconds in phases.items()},
         )
 
-    def _fail_node(self, node: Node, message: str) -> None:
-        """Fail the requests still on a lost node (no other node could take them)."""
-        if node.scheduler is None:
-            return
-        for request_id in list(node.scheduler.requests):
-            node.scheduler.abort(request_id, Finish.ERROR)
+    def _fail(self, live: _Live, error: ServingError) -> None:
+        """End one request with an error the client sees (the others carry on)."""
+        self.fleet.abort(live.seq.request_id, Finish.ERROR)  # no-op if it has finished already
+        self.live.pop(live.seq.request_id, None)
+        live.queue.put_nowait(Chunk([], str(error), time.time_ns(), Finish.ERROR, error=type(error)))
+        self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
+        log.warning("request_failed", request_id=live.seq.request_id, tenant=live.seq.tenant, reason=str(error))
+
+    def _fail_requests(self, request_ids: list[str] | None, error: ServingError) -> None:
+        """A node's link gave up on these requests (None: every live one)."""
+        ids = list(self.live) if request_ids is None else request_ids
+        for request_id in ids:
             live = self.live.get(request_id)
             if live is not None:
-                self._fail(live, message)
-
-    def _fail(self, live: _Live, message: str) -> None:
-        """End one request with an error the client sees (the others carry on)."""
-        self.live.pop(live.seq.request_id, None)
-        live.queue.put_nowait(Chunk([], message, time.time_ns(), Finish.ERROR))
-        self.metrics.on_finish(live.seq.request_id, live.seq.tenant, Finish.ERROR.value, live.started)
+                self._fail(live, error)
 
     # -- structured output ------------------------------------------------------------------------
 
@@ -230,6 +278,13 @@ class Engine:
         if any(not s for s in req.stop):
             raise InvalidArgument("stop strings must be non-empty")
         tenant = req.tenant or "default"
+        waiting = sum(len(n.scheduler.waiting) for n in self.fleet.nodes if n.scheduler is not None)
+        if waiting >= self.config.max_waiting:
+            raise ResourceExhaustedError(
+                f"the queue is full ({waiting} requests waiting across the nodes, --max-waiting "
+                f"{self.config.max_waiting}): retry in a second",
+                retry_after_s=1.0,
+            )
         request_id = req.request_id or uuid.uuid4().hex
         if request_id in self.live:
             raise AlreadyExists(f"request id {request_id!r} is already live; use a unique id")
@@ -297,7 +352,7 @@ class Engine:
                 chunk = await live.queue.get()
                 if chunk.finish is Finish.ERROR:
                     done = True
-                    raise Unavailable(chunk.text)
+                    raise chunk.error(chunk.text)
                 yield chunk
                 if chunk.finish is not None:
                     done = True
@@ -327,6 +382,21 @@ class Engine:
             raise NotFoundError(f"tenant {tenant!r} has no conversation {conversation_id!r}")
         self.fleet.wake()
 
+    def live_count(self, tenant: str) -> int:
+        """Live requests of one tenant (a key's max-requests)."""
+        return sum(1 for live in self.live.values() if live.seq.tenant == tenant)
+
+    def owner_of(self, request_id: str) -> str | None:
+        """The tenant of a live request; None when no such request is live."""
+        live = self.live.get(request_id)
+        return None if live is None else live.seq.tenant
+
+    def tenant_counters(self, tenant: str) -> dict[str, float]:
+        """One tenant's own figures: what a key that is not an admin's may see."""
+        seqs = [live.seq for live in self.live.values() if live.seq.tenant == tenant]
+        running = sum(1 for seq in seqs if seq.state is RequestState.RUNNING)
+        return {"live_requests": len(seqs), "running": running, "waiting": len(seqs) - running}
+
     def stats(self) -> dict[str, float]:
         counters: dict[str, float] = {"swap_out_bytes_saved": 0, "device_blocks_free": 0, "host_blocks_free": 0}
         stats = self.fleet.stats
@@ -338,6 +408,7 @@ class Engine:
         counters["swap_out_bytes_saved"] = stats.counter("swap_out_blocks_saved") * block_bytes
         counters["prompt_tokens"] = float(sum(t.prompt_tokens for t in stats.tenants().values()))
         counters["live_requests"] = len(self.live)
+        counters.update({f"refused_{code}": float(n) for code, n in REFUSED.items()})
         if self._grammars is not None:  # structured output: masks filled on the step loop, and their cost
             counters["grammar_fills"] = self._grammars.fills
             counters["grammar_fill_s"] = self._grammars.fill_s

@@ -23,7 +23,7 @@ import structlog
 from fastswitch.v1 import executor_pb2, swap_pb2, swap_pb2_grpc
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.swap_manager import SwapOrder
-from svc_common.server import CHANNEL_OPTIONS
+from svc_common.server import link_channel
 
 log = structlog.get_logger(__name__)
 
@@ -34,10 +34,12 @@ RECONNECT_DELAY_S = 1.0
 class SwapDaemonLink:
     """One Swap stream to the daemon at `addr`, applying completions to `scheduler`.
 
-    `on_change` is called whenever a copy lands or fails (the step loop may have work again)."""
+    `on_change` is called whenever a copy lands or fails (the step loop may have work again); with
+    `tls_ca` the stream uses TLS, verified against that CA."""
 
-    def __init__(self, addr: str, scheduler: Scheduler, on_change: Callable[[], None]) -> None:
+    def __init__(self, addr: str, scheduler: Scheduler, on_change: Callable[[], None], tls_ca: str = "") -> None:
         self.addr = addr
+        self.tls_ca = tls_ca
         self.scheduler = scheduler
         self.landed = asyncio.Event()  # set whenever a copy ends (or the daemon is lost)
         self._on_change = on_change
@@ -104,7 +106,7 @@ class SwapDaemonLink:
     async def _run(self, info: executor_pb2.ExecutorInfo, after: Awaitable[None] | None) -> None:
         if after is not None:
             await after
-        channel = grpc.aio.insecure_channel(self.addr, options=CHANNEL_OPTIONS)
+        channel = link_channel(self.addr, self.tls_ca)
         stub = swap_pb2_grpc.SwapDaemonStub(channel)
         try:
             while True:

@@ -276,15 +276,61 @@ def field_names(config_type: type) -> set[str]:
     return {f.name for f, _ in _settings(config_type)}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag or value: one line saying what is wrong, exit code 2 (no usage dump, no traceback)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def run_parser(prog: str, description: str | None, config_type: type, argv: list[str] | None) -> Any:
     """The whole entry point of a service's command line: parse, build, validate; bad input exits 2
     with one line saying what is wrong."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_type)
     args = parser.parse_args(argv)
     try:
         return from_args(config_type, args)
     except ValueError as err:
         parser.error(str(err))
+
+
+# -- settings every service has (each service's config declares them with these) --------------------
+
+
+def bind_host_setting(default: str = "::") -> Any:
+    return setting(default, flag="--host", env="FASTSWITCH_HOST", help="address to bind (:: or 0.0.0.0: all)")
+
+
+def tls_cert_setting() -> Any:
+    return setting(
+        "", env="FASTSWITCH_TLS_CERT", metavar="FILE", help="PEM certificate: serve TLS on this port (with --tls-key)"
+    )
+
+
+def tls_key_setting() -> Any:
+    return setting("", env="FASTSWITCH_TLS_KEY", metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def api_keys_setting() -> Any:
+    """The key file of a front that serves clients (the scheduler's gRPC API, the HTTP API): svc_common/auth.py."""
+    return setting(
+        "", env="FASTSWITCH_API_KEYS", metavar="FILE",
+        help="key file, lines `KEY TENANT [max-priority=P] [max-requests=N] [admin]` (empty: open, no auth)",
+    )  # fmt: skip
+
+
+def drain_timeout_setting() -> Any:
+    return setting(
+        30.0, flag="--drain-timeout", env="FASTSWITCH_DRAIN_TIMEOUT_S",
+        help="on SIGTERM, seconds live work may take to finish before the service stops",
+    )  # fmt: skip
+
+
+def validate_tls(cert: str, key: str) -> None:
+    """Both or neither, and both readable: a bad path is said at start, not at the first connection."""
+    if bool(cert) != bool(key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    for path, what in ((cert, "--tls-cert"), (key, "--tls-key")):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{what} {path}: no such file")

@@ -55,7 +55,7 @@ def test_a_copy_landing_while_its_order_is_sent_wakes_the_loop() -> None:
         fleet = Fleet(config)
         node = fleet.nodes[0]
         node.scheduler, node.state = sched, NodeState.UP
-        link = ExecutorLink(config, fleet, node, on_tokens=lambda n, events, ns: None, on_gone=lambda n, m: None)
+        link = ExecutorLink(config, fleet, node, on_tokens=lambda n, events, ns: None, on_fail=lambda ids, error: None)
         link.swapd = SwapDaemonLink("daemon", sched, on_change=link.wake)
         executor = FakeExecutor()
         copier = FakeSwapDaemon(sched, delay=1000, executor=executor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,11 +107,18 @@ def test_build_rejects_unknown_settings() -> None:
 
 
 def test_every_service_variable_is_distinct_where_it_means_something_else() -> None:
-    # The services share FASTSWITCH_MODEL (the same model) and nothing else.
+    # The services share FASTSWITCH_MODEL (the same model), and the bind address, TLS files and drain
+    # timeout that mean the same for every service; nothing else.
+    every = {"FASTSWITCH_HOST", "FASTSWITCH_TLS_CERT", "FASTSWITCH_TLS_KEY", "FASTSWITCH_DRAIN_TIMEOUT_S"}
     sched, execu, swapd = env_names(SchedulerConfig), env_names(ExecutorConfig), env_names(SwapDaemonConfig)
-    assert sched & execu == {"FASTSWITCH_MODEL"}
-    assert not sched & swapd and not execu & swapd
-    assert not env_names(HttpConfig) & (sched | execu | swapd)
+    assert sched & execu == {"FASTSWITCH_MODEL"} | every
+    assert sched & swapd == every and execu & swapd == every
+    # The HTTP front shares the scheduler's key file and every service's TLS files.
+    assert env_names(HttpConfig) & (sched | execu | swapd) == {
+        "FASTSWITCH_API_KEYS",
+        "FASTSWITCH_TLS_CERT",
+        "FASTSWITCH_TLS_KEY",
+    }
 
 
 @pytest.mark.parametrize("service", ["scheduler_svc", "executor_svc", "swap_daemon", "openai_svc"])
@@ -131,6 +139,23 @@ def test_up_starts_the_http_front_only_with_an_http_port_and_points_it_at_the_sc
     assert http[http.index("--scheduler") + 1] == "127.0.0.1:6000"
     assert http[http.index("--default-max-tokens") + 1] == "64"
     assert stack.http_url == "http://127.0.0.1:8080"
+
+
+def test_up_gives_the_http_front_the_key_file_and_tls_and_the_ca_to_reach_the_scheduler(tmp_path: Path) -> None:
+    keys, cert, key = tmp_path / "keys.txt", tmp_path / "c.pem", tmp_path / "k.pem"
+    for f in (keys, cert, key):
+        f.write_text("k1 team-a\n")
+    parser = argparse.ArgumentParser()
+    StackConfig.add_arguments(parser)
+    argv = ["--port", "6000", "--http-port", "8080", "--api-keys", str(keys)]
+    args = parser.parse_args([*argv, "--tls-cert", str(cert), "--tls-key", str(key)])
+    stack = Stack(StackConfig.from_args(args))
+    http, scheduler = stack.commands()["http"], stack.commands()["scheduler"]
+    for cmd in (http, scheduler):
+        assert cmd[cmd.index("--api-keys") + 1] == str(keys)
+        assert cmd[cmd.index("--tls-cert") + 1] == str(cert)
+    assert http[http.index("--scheduler-tls-ca") + 1] == str(cert)  # self-signed: the certificate is the CA
+    assert stack.http_url == "https://127.0.0.1:8080"
 
 
 def test_the_http_port_comes_from_the_environment_on_up_and_on_the_front(monkeypatch: pytest.MonkeyPatch) -> None:
