@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,6 +53,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             pool_handle=r.pool.handle,
             max_model_len=r.max_model_len,
             vocab_size=r.vocab_size,
+            pid=os.getpid(),
         )
 
     async def Execute(

@@ -357,6 +357,8 @@ def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:
         name: {"service": t.service, "prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens}
         for name, t in resp.tenants.items()
     }
+    # One dict per executor node, every field (zeros included).
+    out["executors"] = [{f.name: getattr(node, f.name) for f in node.DESCRIPTOR.fields} for node in resp.executors]
     return out
 
 
@@ -514,18 +516,8 @@ class Client:
         )
 
     def stats(self) -> dict[str, Any]:
-        resp = self._unary(self._stub.GetStats, api_pb2.GetStatsRequest())
-        out: dict[str, Any] = dict(resp.counters)
-        if resp.tenants:
-            out["tenants"] = {
-                name: {
-                    "service": t.service,
-                    "prompt_tokens": t.prompt_tokens,
-                    "generated_tokens": t.generated_tokens,
-                }
-                for name, t in resp.tenants.items()
-            }
-        return out
+        """Counters and gauges, per-tenant service under "tenants", one dict per node under "executors"."""
+        return _stats_dict(self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
 
     def describe_model(self) -> ModelInfo:
         return ModelInfo.from_proto(self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))

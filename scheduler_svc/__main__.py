@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             raise SystemExit(f"fastswitch scheduler: error: {err}") from None
     configure_logging("scheduler")
-    get_logger(__name__).info("starting", port=config.port, executor=config.executor_addr, policy=config.policy)
+    get_logger(__name__).info("starting", port=config.port, nodes=[str(n) for n in config.nodes], policy=config.policy)
     asyncio.run(serve(config))
 
 

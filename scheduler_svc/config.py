@@ -29,15 +29,41 @@ def _tenant_weight(item: str) -> tuple[str, float]:
     return name.strip(), float(value)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    """Where one executor node is reached: its executor and (optionally) the swap daemon beside it."""
+
+    executor: str
+    swapd: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> NodeAddress:
+        """`HOST:PORT` or `HOST:PORT,SWAPD_HOST:PORT`; ValueError says what is wrong."""
+        parts = [p.strip() for p in text.split(",")]
+        if not 1 <= len(parts) <= 2 or not all(_host_port(p) for p in parts):
+            raise ValueError(f"executor node {text!r} must look like HOST:PORT or HOST:PORT,SWAPD_HOST:PORT")
+        return cls(parts[0], parts[1] if len(parts) == 2 else "")
+
+    def __str__(self) -> str:
+        return f"{self.executor},{self.swapd}" if self.swapd else self.executor
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     port: int = setting(50051, env="FASTSWITCH_PORT", help="client API port")
-    executor_addr: str = setting(
-        "localhost:50052", flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", help="executor HOST:PORT"
-    )
+    executor_addr: list[str] = setting(
+        default_factory=lambda: ["localhost:50052"], flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", many=True,
+        metavar="HOST:PORT[,SWAPD_HOST:PORT]",
+        help="an executor node: its executor and, after a comma, the swap daemon beside it; one flag per node",
+    )  # fmt: skip
     swapd_addr: str = setting(
         "", flag="--swapd", env="FASTSWITCH_SWAPD_ADDR",
-        help="swap daemon HOST:PORT (empty: none; preemption recomputes)",
+        help="swap daemon HOST:PORT of a single --executor that names none (empty: none; preemption recomputes)",
     )  # fmt: skip
     model: str = setting(
         "", env="FASTSWITCH_MODEL", help="HF directory or GGUF file (empty: SmolLM2-135M-Instruct); the executor's too"
@@ -125,6 +151,14 @@ class SchedulerConfig:
     )  # fmt: skip
 
     @property
+    def nodes(self) -> list[NodeAddress]:
+        """The executor nodes, in the order given (`--swapd` completes a single node that names no daemon)."""
+        nodes = [NodeAddress.parse(text) for text in self.executor_addr]
+        if len(nodes) == 1 and not nodes[0].swapd and self.swapd_addr:
+            nodes[0] = NodeAddress(nodes[0].executor, self.swapd_addr)
+        return nodes
+
+    @property
     def copy_granularity(self) -> Granularity:
         return Granularity.RUN if self.block_groups and self.preemption != "vllm-like" else Granularity.BLOCK_LAYER
 
@@ -168,7 +202,12 @@ class SchedulerConfig:
         if self.metrics_tenants < 0:
             raise ValueError(f"metrics tenants must be >= 0, got {self.metrics_tenants}")
         if not self.executor_addr:
-            raise ValueError("executor address is required")
+            raise ValueError("at least one executor node is required (--executor HOST:PORT[,SWAPD_HOST:PORT])")
+        nodes = self.nodes  # raises ValueError for a malformed address
+        if len({n.executor for n in nodes}) != len(nodes):
+            raise ValueError("an executor is named twice: give each node once")
+        if self.swapd_addr and len(nodes) > 1:
+            raise ValueError("--swapd names the daemon of a single node; with several, write --executor EXEC,SWAPD")
         validate_tls(self.tls_cert, self.tls_key)
         if self.link_tls_ca and not os.path.isfile(self.link_tls_ca):
             raise ValueError(f"--link-tls-ca {self.link_tls_ca}: no such file")

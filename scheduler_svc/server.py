@@ -135,18 +135,22 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
             counters = self.engine.stats()
         else:
             counters = self.engine.tenant_counters(principal.tenant)
-        return api_pb2.GetStatsResponse(counters=counters, tenants=tenants)
+        executors = [  # the fleet is the operator's business: admins (or no keys) see it
+            api_pb2.ExecutorStats(**view)  # type: ignore[arg-type]
+            for view in (self.engine.executors() if principal is None or principal.admin else [])
+        ]
+        return api_pb2.GetStatsResponse(counters=counters, tenants=tenants, executors=executors)
 
     async def DescribeModel(
         self, request: api_pb2.DescribeModelRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.DescribeModelResponse:
-        info = self.engine.link.info
+        info = self.engine.info
         if info is None:
             raise Unavailable("scheduler is not attached to an executor yet; retry shortly")
         return api_pb2.DescribeModelResponse(
             model=model_name(self.engine.config.model),
             max_model_len=info.max_model_len,
-            kv_capacity_tokens=info.num_blocks * info.block_size,
+            kv_capacity_tokens=self.engine.fleet.kv_capacity_tokens(),
             policy=self.engine.config.policy,
         )
 

@@ -37,6 +37,7 @@ class Setting:
     negate: bool = False  # a bool whose flag turns it off (`kv_reuse` <- `--no-kv-reuse`)
     item: Callable[[str], tuple[str, Any]] | None = None  # a dict built from repeated `KEY=VALUE` flags
     metavar: str | None = None
+    many: bool = False  # a list of strings from a repeated flag (environment: items separated by ';' or spaces)
 
 
 def setting(
@@ -50,9 +51,10 @@ def setting(
     negate: bool = False,
     item: Callable[[str], tuple[str, Any]] | None = None,
     metavar: str | None = None,
+    many: bool = False,
 ) -> Any:
     """A dataclass field that is also a command-line flag and (optionally) an environment variable."""
-    meta = {"setting": Setting(flag, env, help, tuple(choices) if choices else None, negate, item, metavar)}
+    meta = {"setting": Setting(flag, env, help, tuple(choices) if choices else None, negate, item, metavar, many)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -126,9 +128,23 @@ def _from_env(f: dataclasses.Field[Any], s: Setting, environ: dict[str, str]) ->
             return not flag_on if s.negate else flag_on
         if s.item is not None:
             return dict(s.item(part) for part in text.split(",") if part.strip())
+        if s.many:
+            return text.replace(";", " ").split()
         return _scalar(kind)(text)
     except ValueError as err:
         raise ValueError(f"environment variable {s.env}={text!r} is not valid: {err}") from None
+
+
+class _Many(argparse.Action):
+    """A repeated flag into a list; the first use replaces the default (from the environment)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, _: Any = None
+    ) -> None:
+        seen = f"_{self.dest}_given"
+        items = list(getattr(namespace, self.dest) or []) if getattr(namespace, seen, False) else []
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, [*items, value])
 
 
 class _Items(argparse.Action):
@@ -183,6 +199,15 @@ def add_arguments(
                 default=default,
                 help=f"{s.help} (default: {shown_default}{where})",
             )
+        elif s.many:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=_Many,
+                default=default,
+                metavar=s.metavar,
+                help=f"{s.help} (repeatable; default: {' '.join(shown) or 'none'}{where}, ';'-separated)",
+            )
         elif s.item is not None:
             parser.add_argument(
                 flag,
@@ -235,6 +260,9 @@ def to_argv(config: Any, *, exclude: Iterable[str] = ()) -> list[str]:
         elif s.item is not None:
             for key, item in value.items():
                 argv += [flag, f"{key}={item}"]
+        elif s.many:
+            for item in value:
+                argv += [flag, item]
         else:
             argv += [flag, str(value)]
     return argv

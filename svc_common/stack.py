@@ -1,9 +1,12 @@
-"""Starts the three services as local processes, waits until they are healthy, and keeps them up.
+"""Starts the scheduler and its nodes as local processes, waits until they are healthy, and keeps them up.
 
 `fastswitch up`, the end-to-end tests and the benchmark all start the stack through `Stack`, so they
 exercise the same code path. `Stack.supervise()` restarts a service that died, with backoff (as a
 container restart policy would); the scheduler replays its requests on a restarted executor.
 `Stack.stop()` drains the scheduler first (its live requests finish), then stops the rest.
+
+Ports, from the scheduler's port P: node i (i = 0 .. executors-1) has its executor on P + 1 + 2i and
+its swap daemon on P + 2 + 2i. One node is the familiar P+1 / P+2.
 """
 
 from __future__ import annotations
@@ -132,8 +135,19 @@ class StackConfig:
         self.http.validate()
         if not 0 <= self.http_port < 65536:
             raise ValueError(f"HTTP port out of range: {self.http_port}")
-        if self.executors != 1:
-            raise ValueError("this version drives exactly one executor (--executors 1)")
+        if not 1 <= self.executors <= 64:
+            raise ValueError(f"executors must be in 1..64, got {self.executors}")
+        if self.port + 2 * self.executors >= 65536:
+            raise ValueError(f"port {self.port} leaves no room for {self.executors} nodes (2 ports each above it)")
+        if self.http_port and self.port <= self.http_port <= self.port + 2 * self.executors:
+            raise ValueError(
+                f"http_port {self.http_port} collides with the nodes' ports "
+                f"{self.port + 1}..{self.port + 2 * self.executors}: pick one outside that range"
+            )
+
+    def node_ports(self, index: int) -> tuple[int, int]:
+        """Node `index`'s executor and swap daemon ports (the scheme in the module docstring)."""
+        return self.port + 1 + 2 * index, self.port + 2 + 2 * index
 
     @property
     def tls_ca(self) -> str:
@@ -141,15 +155,17 @@ class StackConfig:
         return self.scheduler.link_tls_ca or self.scheduler.tls_cert
 
 
-def free_port_base() -> int:
-    """A port p such that p, p+1 and p+2 (scheduler, executor, swap daemon) are free right now."""
+def free_port_base(executors: int = 1) -> int:
+    """A port p such that p .. p + 2 * executors (scheduler, then each node's executor and swap daemon)
+    are free right now."""
+    span = 2 * executors
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + 2 < 65536 and all(_port_free(port + i) for i in (1, 2)):
+        if port + span < 65536 and all(_port_free(port + i) for i in range(1, span + 1)):
             return port
-    raise RuntimeError("found no three consecutive free ports")
+    raise RuntimeError(f"found no {span + 1} consecutive free ports")
 
 
 def _port_free(port: int) -> bool:
@@ -225,7 +241,8 @@ class Restart:
 
 
 class Stack:
-    """The scheduler, one executor and one swap daemon as child processes (and the HTTP front, with http_port)."""
+    """The scheduler and each node's executor and swap daemon as child processes (and the HTTP front, with
+    http_port)."""
 
     BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)  # after the 1st, 2nd, ... death in a row
     HEALTHY_RESET_S = 60.0  # a service up this long has its backoff reset
@@ -247,6 +264,16 @@ class Stack:
         return f"{dial_host(self.config.host)}:{self.config.port}"
 
     @property
+    def named(self) -> dict[str, subprocess.Popen[bytes]]:
+        """Each service's process now (a restarted one's new process), by its `commands()` name."""
+        return dict(zip(self.names, self.procs, strict=True))
+
+    @staticmethod
+    def node_names(index: int) -> tuple[str, str]:
+        """The names of node `index`'s executor and swap daemon in `commands()` (and their log files)."""
+        return ("executor", "swapd") if index == 0 else (f"executor-{index}", f"swapd-{index}")
+
+    @property
     def http_url(self) -> str | None:
         """The HTTP front's base URL (`.../v1` is the OpenAI API), or None when it is off."""
         if not self.config.http_port:
@@ -255,19 +282,28 @@ class Stack:
         return f"{scheme}://{dial_host(self.config.host)}:{self.config.http_port}"
 
     def commands(self) -> dict[str, list[str]]:
-        """Each service's command line, derived from its config."""
+        """Each service's command line, derived from its config: every node's executor and swap daemon,
+        then the scheduler that drives them."""
         c = self.config
         py = sys.executable
         near = dial_host(c.host)
-        executor = dataclasses.replace(c.executor, port=c.port + 1)
-        scheduler = dataclasses.replace(
-            c.scheduler, executor_addr=f"{near}:{executor.port}", swapd_addr="", link_tls_ca=c.tls_ca
-        )
-        cmds = {"executor": [py, "-m", "executor_svc", *to_argv(executor)]}
-        if c.swapd is not None:
-            swapd = dataclasses.replace(c.swapd, port=c.port + 2)
-            scheduler.swapd_addr = f"{near}:{swapd.port}"
-            cmds["swapd"] = [py, "-m", "swap_daemon", *to_argv(swapd)]
+        cmds: dict[str, list[str]] = {}
+        nodes = []
+        for i in range(c.executors):
+            executor_port, swapd_port = c.node_ports(i)
+            executor_name, swapd_name = self.node_names(i)
+            cmds[executor_name] = [
+                py,
+                "-m",
+                "executor_svc",
+                *to_argv(dataclasses.replace(c.executor, port=executor_port)),
+            ]
+            node = f"{near}:{executor_port}"
+            if c.swapd is not None:
+                cmds[swapd_name] = [py, "-m", "swap_daemon", *to_argv(dataclasses.replace(c.swapd, port=swapd_port))]
+                node += f",{near}:{swapd_port}"
+            nodes.append(node)
+        scheduler = dataclasses.replace(c.scheduler, executor_addr=nodes, swapd_addr="", link_tls_ca=c.tls_ca)
         cmds["scheduler"] = [py, "-m", "scheduler_svc", *to_argv(scheduler)]
         if c.http_port:
             http = dataclasses.replace(

@@ -143,7 +143,7 @@ def start_stack(**overrides: object) -> Iterator[object]:
 
     # Identity with generate() holds in fp32; on a GPU `auto` would pick bf16 (compared by agreement).
     overrides.setdefault("dtype", "float32")
-    config = StackConfig.build(port=free_port_base(), **overrides)
+    config = StackConfig.build(port=free_port_base(int(overrides.get("executors", 1))), **overrides)  # type: ignore[call-overload]
     log_dir = tempfile.mkdtemp(prefix="fastswitch-test-")
     stack = Stack(config, log_dir=log_dir)
     stack.start(timeout_s=300)

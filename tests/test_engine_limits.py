@@ -11,7 +11,6 @@ import pytest
 from fastswitch.v1 import executor_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.engine import Engine, GenerateInput
-from scheduler_svc.scheduler import Scheduler
 from svc_common.errors import InvalidArgument, ResourceExhaustedError
 from svc_common.plan import Sampling
 
@@ -29,9 +28,10 @@ class _Tokenizer:
 def _engine(**settings: object) -> Engine:
     config = SchedulerConfig(**settings)  # type: ignore[arg-type]
     engine = Engine(config, tokenizer=_Tokenizer())
-    engine.link.info = executor_pb2.ExecutorInfo(num_blocks=64, block_size=16, max_model_len=1024)
-    engine.scheduler = Scheduler(config, num_blocks=64, block_size=16, eos_token_ids={0})
-    engine.link._task = object()  # type: ignore[assignment]  # as if the step loop ran
+    engine.links[0].info = executor_pb2.ExecutorInfo(num_blocks=64, block_size=16, max_model_len=1024)
+    node = engine.fleet.nodes[0]
+    engine.fleet.attach(node, 64, 16)  # as if the node's link had attached it
+    engine.fleet.node_up(node)
     return engine
 
 
@@ -75,17 +75,11 @@ def test_live_count_owner_and_tenant_counters_see_one_tenant_only() -> None:
 
 
 def test_an_idle_conversation_expires_with_no_request_to_wake_the_step_loop() -> None:
-    from test_executor_faults import INFO, _Stub
+    from test_executor_faults import _Stub
 
     async def scenario() -> None:
         engine = Engine(SchedulerConfig(conversation_ttl_s=0.3), tokenizer=_Tokenizer())
-        engine.link._stub = _Stub(lambda plan, n: None)  # type: ignore[assignment]
-
-        async def connect() -> executor_pb2.ExecutorInfo:
-            engine.link.info = INFO
-            return INFO
-
-        engine.link.connect = connect  # type: ignore[method-assign]
+        engine.links[0]._stub = _Stub(lambda plan, n: None)  # type: ignore[assignment]
         await engine.start()
         try:
             seq = engine.submit(

@@ -15,6 +15,7 @@ from test_scheduler import BLOCK, FakeExecutor, expected_output, seq
 from fastswitch.v1 import executor_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.executor_link import ExecutorLink, StepFailed
+from scheduler_svc.fleet import Fleet
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common.errors import ServingError, Unavailable
@@ -70,18 +71,27 @@ class _Call:
     def cancel(self) -> None:
         pass
 
+    def done(self) -> bool:
+        return False
+
+    def add_done_callback(self, callback: Callable[[object], None]) -> None:
+        pass
+
 
 class _Harness:
     """A link on a scheduler, with the request front's part played here: failed requests are aborted."""
 
     def __init__(self, stub: _Stub, **settings: object) -> None:
         self.config = SchedulerConfig(max_step_tokens=16, **settings)  # type: ignore[arg-type]
-        self.scheduler = Scheduler(self.config, num_blocks=32, block_size=BLOCK, eos_token_ids={0})
+        self.fleet = Fleet(self.config)  # one node
+        node = self.fleet.nodes[0]
+        self.fleet.eos_token_ids.add(0)
+        self.scheduler: Scheduler = self.fleet.attach(node, INFO.num_blocks, INFO.block_size)
         self.failed: list[tuple[list[str] | None, ServingError]] = []
         self.attached: list[bool] = []
-        self.link = ExecutorLink(self.config, on_tokens=lambda events, ns: None, on_fail=self._on_fail,
-                                 on_attached=self._on_attached)  # fmt: skip
-        self.link.info, self.link._stub = INFO, stub  # type: ignore[assignment]  # as if connect() ran
+        self.link = ExecutorLink(self.config, self.fleet, node, on_tokens=lambda n, events, ns: None,
+                                 on_fail=self._on_fail, on_attached=self._on_attached)  # fmt: skip
+        self.link._stub = stub  # type: ignore[assignment]
 
     def _on_fail(self, request_ids: list[str] | None, error: ServingError) -> None:
         self.failed.append((request_ids, error))
@@ -92,7 +102,8 @@ class _Harness:
         self.attached.append(attached)
 
     async def run_until(self, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
-        self.link.run(self.scheduler)
+        self.link._attach(INFO)  # as if its first Describe answered (the node's scheduler stays this one)
+        self.link.start()
         try:
             async with asyncio.timeout(timeout_s):
                 while not done():
@@ -170,6 +181,6 @@ def test_requests_fail_unavailable_when_no_step_succeeds_for_the_executor_timeou
     for r in reqs:
         h.scheduler.add(r)
     asyncio.run(h.run_until(lambda: all(r.finished for r in reqs)))
-    assert len(h.failed) == 1 and h.failed[0][0] is None and isinstance(h.failed[0][1], Unavailable)
+    assert len(h.failed) == 1 and h.failed[0][0] == ["r0", "r1"] and isinstance(h.failed[0][1], Unavailable)
     assert "--executor-timeout" in str(h.failed[0][1])
     assert all(r.finish is Finish.ERROR for r in reqs)

@@ -66,8 +66,7 @@ def test_up_reads_the_services_environment_and_passes_it_on_as_flags(monkeypatch
     config = StackConfig.from_args(parser.parse_args(["--port", "6000", "--device-blocks", "9", "--host-blocks", "5"]))
     commands = Stack(config).commands()
     assert commands["scheduler"][commands["scheduler"].index("--policy") + 1] == "vtc"
-    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:6001"
-    assert commands["scheduler"][commands["scheduler"].index("--swapd") + 1] == "127.0.0.1:6002"
+    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:6001,127.0.0.1:6002"
     assert commands["executor"][commands["executor"].index("--device-blocks") + 1] == "9"
     assert commands["swapd"][commands["swapd"].index("--host-blocks") + 1] == "5"
 
@@ -76,7 +75,30 @@ def test_no_host_blocks_or_recompute_starts_no_swap_daemon() -> None:
     assert "swapd" not in Stack(StackConfig.build(host_blocks=0)).commands()
     commands = Stack(StackConfig.build(preemption="recompute")).commands()
     assert "swapd" not in commands
-    assert commands["scheduler"][commands["scheduler"].index("--swapd") + 1] == ""
+    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:50052"
+
+
+def test_up_with_three_executors_starts_three_nodes_on_the_documented_ports() -> None:
+    commands = Stack(StackConfig.build(port=7000, executors=3)).commands()
+    assert set(commands) == {"executor", "swapd", "executor-1", "swapd-1", "executor-2", "swapd-2", "scheduler"}
+    for name, port in [("executor", 7001), ("swapd", 7002), ("executor-1", 7003), ("swapd-1", 7004)]:
+        assert commands[name][commands[name].index("--port") + 1] == str(port)
+    scheduler = commands["scheduler"]
+    nodes = [scheduler[i + 1] for i, flag in enumerate(scheduler) if flag == "--executor"]
+    assert nodes == ["127.0.0.1:7001,127.0.0.1:7002", "127.0.0.1:7003,127.0.0.1:7004", "127.0.0.1:7005,127.0.0.1:7006"]
+
+
+def test_the_scheduler_takes_one_executor_flag_per_node_and_the_environment_separates_them() -> None:
+    args = ["--executor", "a:1,b:2", "--executor", "c:3"]
+    config = _parse(SchedulerConfig, args, {"FASTSWITCH_EXECUTOR_ADDR": "x:9"})
+    assert [str(n) for n in config.nodes] == ["a:1,b:2", "c:3"], "the flags replace the default, not add to it"
+    from_env = _parse(SchedulerConfig, [], {"FASTSWITCH_EXECUTOR_ADDR": "a:1,b:2; c:3"})
+    assert [(n.executor, n.swapd) for n in from_env.nodes] == [("a:1", "b:2"), ("c:3", "")]
+    single = _parse(SchedulerConfig, ["--executor", "e:1", "--swapd", "s:2"], {})
+    assert [str(n) for n in single.nodes] == ["e:1,s:2"]
+    for bad in (["--executor", "nohost"], ["--executor", "a:1", "--executor", "a:1"]):
+        with pytest.raises(ValueError):
+            _parse(SchedulerConfig, bad, {})
 
 
 def test_build_rejects_unknown_settings() -> None:
