@@ -165,7 +165,7 @@ def test_a_lost_executor_is_reconnected_with_health_off_meanwhile_and_its_reques
 
 def test_a_hung_step_counts_as_a_lost_executor() -> None:
     stub = _Stub(lambda plan, n: "hang" if n == 1 else None)
-    h = _Harness(stub, step_timeout_s=0.05)
+    h = _Harness(stub, step_timeout_s=0.5)
     one = seq("one", prompt_len=5, max_tokens=3)
     h.scheduler.add(one)
     asyncio.run(h.run_until(lambda: one.finished))
