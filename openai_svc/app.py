@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -95,14 +96,24 @@ CUT_STREAM = "the scheduler's stream ended without a finish reason; the answer m
 class ApiError(Exception):
     """An error to answer with OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s  # the scheduler's hint, sent as Retry-After
 
     @classmethod
     def from_sdk(cls, err: FastSwitchError) -> ApiError:
         status = next((s for t, s in HTTP_STATUS.items() if isinstance(err, t)), 500)
-        return cls(status, str(err), code=err.code.name.lower() if err.code is not None else None)
+        retry_after = err.retry_after_s if isinstance(err, ResourceExhausted) else None
+        return cls(status, str(err), code=err.code.name.lower() if err.code is not None else None,
+                   retry_after_s=retry_after)  # fmt: skip
 
     @classmethod
     def from_rule(cls, err: ServingError) -> ApiError:
@@ -111,7 +122,8 @@ class ApiError(Exception):
         return cls(status, str(err), code=err.code.name.lower())
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"retry-after": str(max(1, math.ceil(self.retry_after_s)))} if self.retry_after_s else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     def body(self) -> dict[str, Any]:
         kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
