@@ -415,7 +415,20 @@ class Conversation:
         self.end()
 
 
-class Client:
+class _Connection:
+    """What both clients know of their connection: whether the server has answered on it. An
+    UNAVAILABLE error makes the next call probe it again (`_connect`)."""
+
+    _connected: bool = False
+
+    def _error(self, err: grpc.RpcError) -> FastSwitchError:
+        typed = _typed(err)
+        if isinstance(typed, ServiceUnavailable):
+            self._connected = False
+        return typed
+
+
+class Client(_Connection):
     """Blocking client; `generate()` yields TokenChunks as they arrive."""
 
     def __init__(
@@ -450,12 +463,6 @@ class Client:
             if _probe_failed(err):
                 raise _unreachable(self.addr, self.connect_timeout) from None
         self._connected = True
-
-    def _error(self, err: grpc.RpcError) -> FastSwitchError:
-        typed = _typed(err)
-        if isinstance(typed, ServiceUnavailable):
-            self._connected = False
-        return typed
 
     def __enter__(self) -> Client:
         return self
@@ -534,7 +541,7 @@ class Client:
             raise self._error(err) from None
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """asyncio client; `generate()` is an async iterator of TokenChunks."""
 
     def __init__(
@@ -569,12 +576,6 @@ class AsyncClient:
             if _probe_failed(err):
                 raise _unreachable(self.addr, self.connect_timeout) from None
         self._connected = True
-
-    def _error(self, err: grpc.RpcError) -> FastSwitchError:
-        typed = _typed(err)
-        if isinstance(typed, ServiceUnavailable):
-            self._connected = False
-        return typed
 
     def with_api_key(self, api_key: str) -> AsyncClient:
         """A client on this one's connection that acts with another API key (a front acting for its
