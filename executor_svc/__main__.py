@@ -7,7 +7,7 @@ import asyncio
 from executor_svc.config import ExecutorConfig
 from fastswitch.v1 import executor_pb2, executor_pb2_grpc
 from svc_common.logs import configure_logging, get_logger
-from svc_common.server import ServiceHost
+from svc_common.server import ServiceHost, bind_address
 from svc_common.settings import run_parser
 
 
@@ -15,7 +15,12 @@ async def serve(config: ExecutorConfig) -> None:
     from executor_svc.server import ExecutorServicer
 
     servicer = ExecutorServicer()
-    host = ServiceHost(f"[::]:{config.port}", [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name])
+    host = ServiceHost(
+        bind_address(config.host, config.port),
+        [executor_pb2.DESCRIPTOR.services_by_name["Executor"].full_name],
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+    )
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, host.server)
 
     async def load() -> None:
@@ -28,7 +33,8 @@ async def serve(config: ExecutorConfig) -> None:
             servicer.runner.close()
 
     try:
-        await host.run(ready=load, on_stop=unload)
+        # Draining: the scheduler drains first and detaches; until then its live requests need this executor.
+        await host.run(ready=load, on_stop=unload, busy=servicer.attached, drain_timeout_s=config.drain_timeout_s)
     finally:
         await unload()
 

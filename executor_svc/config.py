@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from svc_common.settings import setting
+from svc_common.settings import (
+    bind_host_setting,
+    drain_timeout_setting,
+    setting,
+    tls_cert_setting,
+    tls_key_setting,
+    validate_tls,
+)
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "dummy")
@@ -49,6 +56,10 @@ class ExecutorConfig:
         False, env="FASTSWITCH_CUDA_GRAPHS",
         help="replay decode steps from CUDA graphs per batch-size bucket (needs CUDA and --attention triton; untested)",
     )  # fmt: skip
+    host: str = bind_host_setting()
+    tls_cert: str = tls_cert_setting()
+    tls_key: str = tls_key_setting()
+    drain_timeout_s: float = drain_timeout_setting()
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -71,6 +82,9 @@ class ExecutorConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.cuda_graphs and self.attention != "triton":
             raise ValueError("--cuda-graphs needs --attention triton (the sdpa path gathers padded KV per step)")
+        validate_tls(self.tls_cert, self.tls_key)
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")
 
     @property
     def resolved_threads(self) -> int:

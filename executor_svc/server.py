@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -20,6 +23,13 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self) -> None:
         self.runner: ModelRunner | None = None
         self._stream_lock = asyncio.Lock()
+        # One step at a time on the model and its KV pool, even when a scheduler gave up on a slow step
+        # (--step-timeout) and attached again while that step's thread still runs.
+        self._step_lock = threading.Lock()
+
+    def attached(self) -> bool:
+        """Whether a scheduler is driving this executor now."""
+        return self._stream_lock.locked()
 
     def _ready_runner(self) -> ModelRunner:
         if self.runner is None:
@@ -43,6 +53,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
             pool_handle=r.pool.handle,
             max_model_len=r.max_model_len,
             vocab_size=r.vocab_size,
+            pid=os.getpid(),
         )
 
     async def Execute(
@@ -54,12 +65,16 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         async with self._stream_lock:
             log.info("scheduler_attached", peer=context.peer())
             # A new scheduler stream starts from a clean slate: it owns every block table.
-            runner.requests.clear()
+            await asyncio.to_thread(self._locked, runner.requests.clear)
             try:
                 async for msg in request_iterator:
                     plan = StepPlan.from_proto(msg)
-                    result = await asyncio.to_thread(runner.step, plan)
+                    result = await asyncio.to_thread(self._locked, runner.step, plan)
                     yield result.to_proto()
             finally:
                 runner.requests.clear()
                 log.info("scheduler_detached")
+
+    def _locked(self, fn: Any, *args: Any) -> Any:
+        with self._step_lock:
+            return fn(*args)

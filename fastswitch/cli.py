@@ -9,6 +9,9 @@ fastswitch bench [--preset tiny|small|gpu]           # benchmark every mode on o
 
 generate, chat and stats need only the client (the base install); the other commands import server code
 lazily and, where its extra is not installed, say which one to install.
+
+Clients take --api-key KEY (or FASTSWITCH_API_KEY) and --tls-ca FILE (or FASTSWITCH_TLS_CA). A bad flag
+or value exits 2 with one line saying what is wrong; a request the server failed or cut exits 1.
 """
 
 from __future__ import annotations
@@ -24,7 +27,16 @@ import uuid
 
 from fastswitch import __version__
 from fastswitch._extras import install_hint, missing
-from fastswitch.client import DEFAULT_ADDR, Client, FastSwitchError
+from fastswitch.client import (
+    API_KEY_ENV,
+    DEFAULT_ADDR,
+    TLS_CA_ENV,
+    Client,
+    FastSwitchError,
+    InvalidRequest,
+    PermissionDenied,
+    Unauthenticated,
+)
 
 # The commands that run server code: the extra each needs, and the module each runs (imported only for it).
 SERVER_COMMANDS = {
@@ -46,6 +58,27 @@ OWN_PACKAGES = {
     "swap_daemon",
     "openai_svc",
 }
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flags and values: one line (`fastswitch generate: error: ...`) and exit 2, no usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default (none shown where there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, "") or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+def _client(args: argparse.Namespace, timeout: float | None = None) -> Client:
+    kwargs = {"api_key": args.api_key, "tls_ca": args.tls_ca}
+    return Client(args.addr, timeout=timeout, **kwargs) if timeout else Client(args.addr, **kwargs)
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
@@ -85,10 +118,13 @@ def _cmd_up(args: argparse.Namespace) -> int:
     try:
         while not stop["requested"]:
             time.sleep(0.2)
-            for p in stack.procs:
-                if p.poll() is not None:
-                    print(f"a service exited (code {p.returncode}); stopping the stack", file=sys.stderr)
-                    return 1
+            # A service that died is restarted (with backoff); the scheduler replays its requests.
+            for restart in stack.supervise():
+                print(
+                    f"fastswitch up: the {restart.name} exited (code {restart.exit_code}); restarted it",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         stack.stop()
         print("fastswitch stopped", file=sys.stderr, flush=True)
@@ -136,14 +172,24 @@ def _read(path: str, flag: str) -> str:
         raise SystemExit(f"fastswitch generate: cannot read {flag} {path}: {err.strerror}") from None
 
 
+def _stream(client: Client, prompt: str, kwargs: dict[str, object]) -> int:
+    """Write the completion to stdout; 0 when it finished, 1 (and a message) when the server ended it."""
+    finish = None
+    for chunk in client.generate(prompt, **kwargs):  # type: ignore[arg-type]
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        finish = chunk.finish_reason
+    sys.stdout.write("\n")
+    if finish in ("cancelled", "error"):
+        print(f"fastswitch: the server ended the request ({finish}); the output is incomplete", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
-    with Client(args.addr, timeout=args.timeout) as client:
-        for chunk in client.generate(prompt, **_generate_kwargs(args), **_structured_output(args)):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-    sys.stdout.write("\n")
-    return 0
+    with _client(args, timeout=args.timeout) as client:
+        return _stream(client, prompt, {**_generate_kwargs(args), **_structured_output(args)})
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -151,7 +197,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     args.chat = True
     kwargs = _generate_kwargs(args)
     kwargs["conversation_id"] = conversation
-    with Client(args.addr, timeout=args.timeout) as client:
+    with _client(args, timeout=args.timeout) as client:
         print(f"conversation {conversation}; empty line or Ctrl-D ends it", file=sys.stderr)
         while True:
             try:
@@ -161,10 +207,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 break
             sys.stdout.write("model> ")
-            for chunk in client.generate(line, **kwargs):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            if _stream(client, line, kwargs) != 0:
+                return 1
             kwargs["system_prompt"] = ""
         try:
             client.end_conversation(conversation, tenant=args.tenant)
@@ -174,7 +218,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_stats(args: argparse.Namespace) -> int:
-    with Client(args.addr) as client:
+    with _client(args) as client:
         print(json.dumps(client.stats(), indent=2, sort_keys=True))
     return 0
 
@@ -185,13 +229,27 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def _add_sampling(p: argparse.ArgumentParser) -> None:
+def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--addr", default=DEFAULT_ADDR, help="scheduler HOST:PORT")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--api-key", default=None, help=f"API key, sent as `authorization: Bearer KEY` (default: env {API_KEY_ENV})"
+    )
+    p.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="FILE",
+        help=f"PEM CA that verifies the server's certificate: connect with TLS (default: env {TLS_CA_ENV}; "
+        "unset: plain text)",
+    )
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    _add_connection(p)
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--priority", type=int, default=0, help="larger runs first (priority policy)")
     p.add_argument("--tenant", default="", help="tenant for fair-share accounting")
@@ -203,17 +261,16 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 def build_parser(server: bool = True) -> argparse.ArgumentParser:
     """The whole CLI. With `server=False` the `up` command's settings are left out: reading them imports the
     services' configs, which a client-only install does not need (and `up` is not being run)."""
-    parser = argparse.ArgumentParser(
-        prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = _Parser(prog="fastswitch", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser(
         "up",
         help="start scheduler, executor and swap daemon locally",
         description="Start the scheduler, executor and swap daemon as local processes (executor on --port+1, "
-        "swap daemon on --port+2); print a line with 'ready' once all are healthy; SIGINT/SIGTERM stops them.",
+        "swap daemon on --port+2); print a line with 'ready' once all are healthy; a service that dies is "
+        "restarted with backoff; SIGINT/SIGTERM drains the scheduler, then stops them all.",
     )
     if server:
         from svc_common.stack import StackConfig
@@ -223,7 +280,7 @@ def build_parser(server: bool = True) -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for readiness")
     up.set_defaults(func=_cmd_up)
 
-    gen = sub.add_parser("generate", help="stream a completion to stdout")
+    gen = sub.add_parser("generate", help="stream a completion to stdout", formatter_class=_Help)
     _add_sampling(gen)
     gen.add_argument("--chat", action="store_true", help="apply the chat template")
     structured = gen.add_mutually_exclusive_group()
@@ -234,12 +291,12 @@ def build_parser(server: bool = True) -> argparse.ArgumentParser:
     gen.add_argument("prompt", help="prompt text ('-' reads stdin)")
     gen.set_defaults(func=_cmd_generate)
 
-    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    chat = sub.add_parser("chat", help="interactive multi-turn chat", formatter_class=_Help)
     _add_sampling(chat)
     chat.set_defaults(func=_cmd_chat)
 
-    stats = sub.add_parser("stats", help="print scheduler statistics as JSON")
-    stats.add_argument("--addr", default=DEFAULT_ADDR)
+    stats = sub.add_parser("stats", help="print scheduler statistics as JSON", formatter_class=_Help)
+    _add_connection(stats)
     stats.set_defaults(func=_cmd_stats)
 
     for name, module in (
@@ -251,7 +308,7 @@ def build_parser(server: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run the {name} service alone", add_help=False)
         p.set_defaults(func=None, service=module)
 
-    bench = sub.add_parser("bench", help="benchmark every mode on one multi-turn workload")
+    bench = sub.add_parser("bench", help="benchmark every mode on one multi-turn workload", formatter_class=_Help)
     bench.add_argument("--preset", choices=["tiny", "small", "reuse", "gpu"], default="small")
     bench.add_argument(
         "--modes",
@@ -316,8 +373,14 @@ def main(argv: list[str] | None = None) -> int:
         if extra and top and top not in OWN_PACKAGES:
             return _missing_extra(command, extra, top)
         raise
+    except (InvalidRequest, PermissionDenied, Unauthenticated) as err:
+        print(f"fastswitch {command}: error: {err}", file=sys.stderr)
+        return 2  # what the user sent is wrong (a value, a key, a priority)
     except FastSwitchError as err:
-        print(f"fastswitch: {err}", file=sys.stderr)
+        print(f"fastswitch {command}: {err}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as err:
+        print(f"fastswitch {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

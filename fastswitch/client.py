@@ -10,13 +10,23 @@ of strings) or `grammar=` (EBNF) constrains the completion, token by token, on t
 
 Errors are typed (`InvalidRequest`, `NotFound`, `ResourceExhausted`, `ServiceUnavailable`, ...), each
 carrying the server's message. Every call carries a deadline; one channel per client is reused.
+
+Security: `Client(addr, api_key=KEY, tls_ca=PATH)` sends `authorization: Bearer KEY` (default: the
+`FASTSWITCH_API_KEY` environment variable) and verifies the server's certificate against the CA file
+(default: `FASTSWITCH_TLS_CA`; none: plain text). Calls wait for the connection (up to
+`connect_timeout`) and gRPC retries UNAVAILABLE with backoff before any token has arrived. A stream
+that ends without a finish reason raises `IncompleteStream`: a cut stream is never a completion.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,6 +36,35 @@ from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
 DEFAULT_ADDR = "localhost:50051"
 DEFAULT_TIMEOUT_S = 600.0
 UNARY_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+API_KEY_ENV = "FASTSWITCH_API_KEY"
+TLS_CA_ENV = "FASTSWITCH_TLS_CA"
+
+# gRPC's own retry policy: UNAVAILABLE (server restarting, draining, not attached yet) is retried with
+# exponential backoff, only before the server has answered anything (so no token is ever repeated).
+_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "fastswitch.v1.FastSwitch"}],
+                "waitForReady": True,
+                "retryPolicy": {
+                    "maxAttempts": 5,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "3s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
+    ("grpc.keepalive_time_ms", 60_000),  # the server accepts pings every 30 s or more
+    ("grpc.keepalive_timeout_ms", 20_000),
+]
 
 
 class FastSwitchError(Exception):
@@ -45,7 +84,10 @@ class NotFound(FastSwitchError):
 
 
 class ResourceExhausted(FastSwitchError):
-    """The request can never fit the server's KV pool, or the server is out of capacity."""
+    """The request can never fit the server's KV pool, or the server is out of capacity;
+    `retry_after_s` is the server's hint when retrying later may succeed."""
+
+    retry_after_s: float | None = None
 
 
 class PermissionDenied(FastSwitchError):
@@ -60,6 +102,22 @@ class DeadlineExceeded(FastSwitchError):
     """The call did not finish within its deadline."""
 
 
+class Unauthenticated(FastSwitchError):
+    """No API key, or one the server does not know (`api_key=`, `--api-key`, FASTSWITCH_API_KEY)."""
+
+
+class ServerError(FastSwitchError):
+    """The server failed the request (INTERNAL): e.g. the model step failed twice the same way."""
+
+
+class IncompleteStream(FastSwitchError):
+    """The stream ended without a finish reason: the completion is cut short, not done."""
+
+
+class RequestCancelled(FastSwitchError):
+    """The server ended the request as cancelled (by a Cancel call, or the server stopping)."""
+
+
 _ERRORS: dict[grpc.StatusCode, type[FastSwitchError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.ALREADY_EXISTS: InvalidRequest,
@@ -69,6 +127,10 @@ _ERRORS: dict[grpc.StatusCode, type[FastSwitchError]] = {
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailable,
     grpc.StatusCode.FAILED_PRECONDITION: ServiceUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.INTERNAL: ServerError,
+    grpc.StatusCode.UNKNOWN: ServerError,
+    grpc.StatusCode.CANCELLED: RequestCancelled,
 }
 
 
@@ -76,7 +138,56 @@ def _typed(err: grpc.RpcError) -> FastSwitchError:
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else str(err)
     cls = _ERRORS.get(code, FastSwitchError) if code is not None else FastSwitchError
-    return cls(f"{details} [{code.name if code else 'UNKNOWN'}]", code)
+    typed = cls(f"{details} [{code.name if code else 'UNKNOWN'}]", code)
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    retry_after = dict(trailers or ()).get("retry-after")
+    if isinstance(typed, ResourceExhausted) and retry_after:
+        typed.retry_after_s = float(retry_after)
+    return typed
+
+
+def _incomplete(request_id: str) -> IncompleteStream:
+    return IncompleteStream(
+        f"the stream of request {request_id or '(unnamed)'} ended without a finish reason: the output is "
+        "incomplete (the server or the connection went away); retry the request"
+    )
+
+
+def _credentials(tls_ca: str | None) -> grpc.ChannelCredentials | None:
+    path = os.environ.get(TLS_CA_ENV, "") if tls_ca is None else tls_ca
+    if not path:
+        return None
+    try:
+        return grpc.ssl_channel_credentials(root_certificates=Path(path).read_bytes())
+    except OSError as err:
+        raise InvalidRequest(f"cannot read the TLS CA file {path}: {err.strerror or err}") from None
+
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    key = os.environ.get(API_KEY_ENV, "") if api_key is None else api_key
+    return (("authorization", f"Bearer {key}"),) if key else ()
+
+
+# The standard health check, called raw (an empty HealthCheckRequest is b""): it needs no key and no
+# extra package, and with wait_for_ready it tells "not reachable within connect_timeout" apart from a
+# slow request.
+_HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+def _probe_failed(err: grpc.RpcError) -> bool:
+    return err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)  # type: ignore[attr-defined]
+
+
+def _unreachable(addr: str, timeout: float) -> ServiceUnavailable:
+    return ServiceUnavailable(
+        f"cannot reach a FastSwitch server at {addr} within {timeout:g}s: is it running (`fastswitch up`), "
+        "and do --tls-ca / the server's TLS setting agree? [UNAVAILABLE]",
+        grpc.StatusCode.UNAVAILABLE,
+    )
 
 
 _FINISH = {
@@ -246,6 +357,8 @@ def _stats_dict(resp: api_pb2.GetStatsResponse) -> dict[str, Any]:
         name: {"service": t.service, "prompt_tokens": t.prompt_tokens, "generated_tokens": t.generated_tokens}
         for name, t in resp.tenants.items()
     }
+    # One dict per executor node, every field (zeros included).
+    out["executors"] = [{f.name: getattr(node, f.name) for f in node.DESCRIPTOR.fields} for node in resp.executors]
     return out
 
 
@@ -302,14 +415,54 @@ class Conversation:
         self.end()
 
 
-class Client:
+class _Connection:
+    """What both clients know of their connection: whether the server has answered on it. An
+    UNAVAILABLE error makes the next call probe it again (`_connect`)."""
+
+    _connected: bool = False
+
+    def _error(self, err: grpc.RpcError) -> FastSwitchError:
+        typed = _typed(err)
+        if isinstance(typed, ServiceUnavailable):
+            self._connected = False
+        return typed
+
+
+class Client(_Connection):
     """Blocking client; `generate()` yields TokenChunks as they arrive."""
 
-    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        api_key: str | None = None,
+        tls_ca: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(addr)
+        self.connect_timeout = connect_timeout
+        self._metadata = _metadata(api_key)
+        creds = _credentials(tls_ca)
+        if creds is None:
+            self._channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
+        self._connected = False
+
+    def _connect(self) -> None:
+        """Wait (up to connect_timeout) until the server answers, once per connection."""
+        if self._connected:
+            return
+        try:
+            self._health(b"", timeout=self.connect_timeout, wait_for_ready=True)
+        except grpc.RpcError as err:
+            if _probe_failed(err):
+                raise _unreachable(self.addr, self.connect_timeout) from None
+        self._connected = True
 
     def __enter__(self) -> Client:
         return self
@@ -321,14 +474,29 @@ class Client:
         self._channel.close()
 
     def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Iterator[TokenChunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        """TokenChunks until the one with a finish reason; raises a typed error otherwise."""
+        deadline = timeout or self.timeout
+        start = time.monotonic()
+        self._connect()
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs),
+            timeout=max(0.001, deadline - (time.monotonic() - start)),
+            metadata=self._metadata,
+            wait_for_ready=True,
+        )
+        request_id = kwargs.get("request_id", "")
         try:
             for msg in call:
-                yield TokenChunk.from_proto(msg)
+                chunk = TokenChunk.from_proto(msg)
+                request_id = chunk.request_id
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()  # no-op when finished; frees the request's blocks if the caller stops early
+        raise _incomplete(request_id)
 
     def complete(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Completion:
         completion = Completion(request_id="", text="")
@@ -355,18 +523,8 @@ class Client:
         )
 
     def stats(self) -> dict[str, Any]:
-        resp = self._unary(self._stub.GetStats, api_pb2.GetStatsRequest())
-        out: dict[str, Any] = dict(resp.counters)
-        if resp.tenants:
-            out["tenants"] = {
-                name: {
-                    "service": t.service,
-                    "prompt_tokens": t.prompt_tokens,
-                    "generated_tokens": t.generated_tokens,
-                }
-                for name, t in resp.tenants.items()
-            }
-        return out
+        """Counters and gauges, per-tenant service under "tenants", one dict per node under "executors"."""
+        return _stats_dict(self._unary(self._stub.GetStats, api_pb2.GetStatsRequest()))
 
     def describe_model(self) -> ModelInfo:
         return ModelInfo.from_proto(self._unary(self._stub.DescribeModel, api_pb2.DescribeModelRequest()))
@@ -376,20 +534,55 @@ class Client:
         return self._unary(self._stub.GetMetrics, api_pb2.GetMetricsRequest()).text
 
     def _unary(self, method: Any, request: Any) -> Any:
+        self._connect()
         try:
-            return method(request, timeout=UNARY_TIMEOUT_S)
+            return method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
 
 
-class AsyncClient:
+class AsyncClient(_Connection):
     """asyncio client; `generate()` is an async iterator of TokenChunks."""
 
-    def __init__(self, addr: str = DEFAULT_ADDR, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        addr: str = DEFAULT_ADDR,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        api_key: str | None = None,
+        tls_ca: str | None = None,
+        connect_timeout: float = CONNECT_TIMEOUT_S,
+    ) -> None:
         self.addr = addr
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(addr)
+        self.connect_timeout = connect_timeout
+        self._metadata = _metadata(api_key)
+        creds = _credentials(tls_ca)
+        if creds is None:
+            self._channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
         self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
+        self._connected = False
+
+    async def _connect(self) -> None:
+        """Wait (up to connect_timeout) until the server answers, once per connection."""
+        if self._connected:
+            return
+        try:
+            await self._health(b"", timeout=self.connect_timeout, wait_for_ready=True)
+        except grpc.RpcError as err:
+            if _probe_failed(err):
+                raise _unreachable(self.addr, self.connect_timeout) from None
+        self._connected = True
+
+    def with_api_key(self, api_key: str) -> AsyncClient:
+        """A client on this one's connection that acts with another API key (a front acting for its
+        callers). Close only the original: they share the channel."""
+        view = copy.copy(self)
+        view._metadata = _metadata(api_key)
+        return view
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -401,14 +594,29 @@ class AsyncClient:
         await self._channel.close()
 
     async def generate(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> AsyncIterator[TokenChunk]:
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        """TokenChunks until the one with a finish reason; raises a typed error otherwise."""
+        deadline = timeout or self.timeout
+        start = time.monotonic()
+        await self._connect()
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs),
+            timeout=max(0.001, deadline - (time.monotonic() - start)),
+            metadata=self._metadata,
+            wait_for_ready=True,
+        )
+        request_id = kwargs.get("request_id", "")
         try:
             async for msg in call:
-                yield TokenChunk.from_proto(msg)
+                chunk = TokenChunk.from_proto(msg)
+                request_id = chunk.request_id
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
         finally:
             call.cancel()
+        raise _incomplete(request_id)
 
     async def complete(self, prompt: str, timeout: float | None = None, **kwargs: Any) -> Completion:
         completion = Completion(request_id="", text="")
@@ -451,7 +659,28 @@ class AsyncClient:
         return resp.status == health_pb2.HealthCheckResponse.SERVING
 
     async def _unary(self, method: Any, request: Any) -> Any:
+        await self._connect()
         try:
-            return await method(request, timeout=UNARY_TIMEOUT_S)
+            return await method(request, timeout=UNARY_TIMEOUT_S, metadata=self._metadata, wait_for_ready=True)
         except grpc.RpcError as err:
-            raise _typed(err) from None
+            raise self._error(err) from None
+
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Completion",
+    "Conversation",
+    "DeadlineExceeded",
+    "FastSwitchError",
+    "IncompleteStream",
+    "InvalidRequest",
+    "NotFound",
+    "PermissionDenied",
+    "RequestCancelled",
+    "ResourceExhausted",
+    "ServerError",
+    "ServiceUnavailable",
+    "TokenChunk",
+    "Unauthenticated",
+]

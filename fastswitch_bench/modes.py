@@ -85,7 +85,7 @@ def stack_config(mode: str, preset: Preset, workload: Workload, options: ModelOp
 
     try:
         return StackConfig.build(
-            port=free_port_base(),
+            port=free_port_base(options.executors or 1),
             block_size=preset.block_size,
             device_blocks=preset.device_blocks,
             host_blocks=preset.host_blocks,

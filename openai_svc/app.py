@@ -1,10 +1,17 @@
 """The OpenAI-compatible HTTP API as a thin ASGI adapter over the scheduler's gRPC API.
 
-Every generation request goes through `Front.prepare()`: who is asking (`identify`, where an API key
-check slots in), which model, which features (`response_format`), then the SDK keywords. Then
-`Front.respond()` runs it on the scheduler through one reused `AsyncClient` channel, with a deadline,
-and answers with one JSON body or server-sent events. A client that goes away, before or during the
-stream, cancels the gRPC call, and the scheduler frees the request's blocks.
+Every generation request goes through `Front.prepare()`: who is asking (`identify`), which model,
+which features (`response_format`), then the SDK keywords. Then `Front.respond()` runs it on the
+scheduler through one reused `AsyncClient` channel, with a deadline, and answers with one JSON body or
+server-sent events.
+
+With a key file (`--api-keys`, the scheduler's format and rules: svc_common/auth.py), `identify` turns
+`authorization: Bearer KEY` into the caller's tenant (401 without a known key), a priority above the
+key's cap is 403, and /metrics needs an admin key; the key is passed on to the scheduler, which
+enforces the same rules (a key's max-requests: 429; another tenant's conversation: 404).
+
+A client that goes away, before or during the stream, cancels the gRPC call, and the scheduler frees
+the request's blocks.
 
 Errors are OpenAI's error JSON, `{"error": {"message", "type", "param", "code"}}`, with the HTTP status
 of the standard gRPC mapping (INVALID_ARGUMENT 400, NOT_FOUND 404, RESOURCE_EXHAUSTED 429, ...).
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -48,10 +56,13 @@ from fastswitch.client import (
     ResourceExhausted,
     ServiceUnavailable,
     TokenChunk,
+    Unauthenticated,
 )
 from openai_svc import protocol
 from openai_svc.config import HttpConfig
 from openai_svc.protocol import ChatCompletionRequest, CompletionRequest, UnsupportedFeature
+from svc_common import auth
+from svc_common.errors import PermissionDeniedError, ServingError
 
 log = structlog.get_logger(__name__)
 
@@ -60,11 +71,20 @@ T = TypeVar("T")
 # The standard gRPC -> HTTP mapping of the SDK's error types.
 HTTP_STATUS: dict[type[FastSwitchError], int] = {
     InvalidRequest: 400,
+    Unauthenticated: 401,
     NotFound: 404,
     PermissionDenied: 403,
     ResourceExhausted: 429,
     ServiceUnavailable: 503,
     DeadlineExceeded: 504,
+}
+GRPC_TO_HTTP = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
 }
 ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/conversations", "/health", "/metrics")
@@ -76,17 +96,34 @@ CUT_STREAM = "the scheduler's stream ended without a finish reason; the answer m
 class ApiError(Exception):
     """An error to answer with OpenAI's error JSON."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s  # the scheduler's hint, sent as Retry-After
 
     @classmethod
     def from_sdk(cls, err: FastSwitchError) -> ApiError:
         status = next((s for t, s in HTTP_STATUS.items() if isinstance(err, t)), 500)
-        return cls(status, str(err), code=err.code.name.lower() if err.code is not None else None)
+        retry_after = err.retry_after_s if isinstance(err, ResourceExhausted) else None
+        return cls(status, str(err), code=err.code.name.lower() if err.code is not None else None,
+                   retry_after_s=retry_after)  # fmt: skip
+
+    @classmethod
+    def from_rule(cls, err: ServingError) -> ApiError:
+        """An auth rule's refusal (svc_common/auth.py), with the HTTP status of its gRPC code."""
+        status = GRPC_TO_HTTP.get(err.code.name, 500)
+        return cls(status, str(err), code=err.code.name.lower())
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"retry-after": str(max(1, math.ceil(self.retry_after_s)))} if self.retry_after_s else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
     def body(self) -> dict[str, Any]:
         kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
@@ -98,9 +135,19 @@ class ClientGone(Exception):
 
 
 @dataclass(slots=True)
+class Caller:
+    """Who is asking: the tenant served and accounted, and the scheduler client that acts for them."""
+
+    tenant: str
+    client: AsyncClient  # with the caller's API key, when keys are configured
+    principal: auth.Principal | None = None  # None: no key file (an open front)
+
+
+@dataclass(slots=True)
 class Prepared:
     """A generation request, checked and translated: what `respond()` runs."""
 
+    client: AsyncClient
     kind: str  # "chat" | "text"
     response_id: str
     model: str
@@ -154,6 +201,7 @@ class Front:
     def __init__(self, config: HttpConfig, client: AsyncClient | None = None) -> None:
         self.config = config
         self._client = client
+        self.keys = auth.KeyRing.load(config.api_keys) if config.api_keys else None
         self.metrics = HttpMetrics()
         self._model: ModelInfo | None = None
         self.started = int(time.time())
@@ -161,37 +209,49 @@ class Front:
     @property
     def client(self) -> AsyncClient:
         if self._client is None:  # made on the server's event loop: a grpc.aio channel belongs to one loop
-            self._client = AsyncClient(self.config.scheduler_addr, timeout=self.config.request_timeout_s)
+            self._client = AsyncClient(
+                self.config.scheduler_addr,
+                timeout=self.config.request_timeout_s,
+                api_key="",  # no key of its own: each call carries its caller's
+                tls_ca=self.config.scheduler_tls_ca,
+            )
         return self._client
 
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
 
-    async def model(self) -> ModelInfo:
-        """The served model (asked once of the scheduler, then kept)."""
+    async def model(self, client: AsyncClient | None = None) -> ModelInfo:
+        """The served model (asked once of the scheduler, with the caller's client, then kept)."""
         if self._model is None:
             try:
-                self._model = await self.client.describe_model()
+                self._model = await (client or self.client).describe_model()
             except FastSwitchError as err:
                 raise ApiError(503, f"the scheduler at {self.config.scheduler_addr} is not ready: {err}") from err
         return self._model
 
-    async def model_id(self) -> str:
-        return self.config.served_model_name or (await self.model()).model
+    async def model_id(self, client: AsyncClient | None = None) -> str:
+        return self.config.served_model_name or (await self.model(client)).model
 
     # -- request handling ---------------------------------------------------------------------------
 
-    def identify(self, request: Request, body: protocol._GenerationBody | None) -> str:
-        """The tenant the request is served and accounted as.
+    def identify(self, request: Request, body: protocol._GenerationBody | None) -> Caller:
+        """Who is asking, the one place identity is decided.
 
-        The one place where identity is decided: until API keys exist (issue 13) it is the body's
-        `user` (or the `user` query parameter where there is no body); with keys, the
-        `authorization: Bearer KEY` header's tenant replaces it here.
-        """
-        if body is None:
-            return request.query_params.get("user", "")
-        return body.user or ""
+        Open front (no key file): the tenant is the body's `user` (or the `user` query parameter where
+        there is no body). With keys: `authorization: Bearer KEY` names the tenant (an admin key may name
+        one with `user`); no or an unknown key is 401 (`Unauthenticated`, mapped by the app)."""
+        requested = (body.user or "") if body is not None else request.query_params.get("user", "")
+        if self.keys is None:
+            return Caller(requested, self.client)
+        authorization = request.headers.get("authorization")
+        principal = self.keys.authenticate(authorization)
+        key = (authorization or "").strip().partition(" ")[2].strip()
+        return Caller(auth.tenant_for(principal, requested), self.client.with_api_key(key), principal)
+
+    def check_admin(self, caller: Caller, what: str) -> None:
+        if caller.principal is not None and not caller.principal.admin:
+            raise PermissionDeniedError(f"{what} covers every tenant: it needs an admin key")
 
     def structured_output(self, body: protocol._GenerationBody) -> dict[str, Any]:
         """SDK keywords for `response_format` (structured output maps onto the scheduler here)."""
@@ -205,8 +265,8 @@ class Front:
         )
 
     async def prepare(self, request: Request, body: ChatCompletionRequest | CompletionRequest) -> Prepared:
-        tenant = self.identify(request, body)
-        model = await self.model_id()
+        caller = self.identify(request, body)
+        model = await self.model_id(caller.client)
         if body.model and body.model != model:
             raise ApiError(
                 404,
@@ -220,7 +280,8 @@ class Front:
             raise ApiError(400, str(err), param=err.param) from err
         generate = body.sampling_kwargs(self.config.default_max_tokens)
         generate.update(self.structured_output(body))
-        generate["tenant"] = tenant
+        auth.check_priority(caller.principal, generate.get("priority", 0))
+        generate["tenant"] = caller.tenant
         request_id = uuid.uuid4().hex
         generate["request_id"] = request_id
         if isinstance(body, ChatCompletionRequest):
@@ -231,6 +292,7 @@ class Front:
             if not prompt:
                 raise ApiError(400, "prompt is empty: send at least one character of text", "prompt")
         return Prepared(
+            caller.client,
             kind,
             prefix + request_id,
             model,
@@ -244,7 +306,7 @@ class Front:
     async def respond(self, request: Request, p: Prepared) -> Response:
         structlog.contextvars.bind_contextvars(request_id=p.generate["request_id"], tenant=p.generate["tenant"])
         arrived = time.perf_counter()
-        stream = self.client.generate(p.prompt, **p.generate)
+        stream = p.client.generate(p.prompt, **p.generate)
         try:
             if not p.stream:
                 completion = await self._unless_gone(request, _collect(stream))
@@ -331,10 +393,10 @@ class Front:
             pass
         raise ClientGone
 
-    async def metrics_text(self) -> bytes:
+    async def metrics_text(self, client: AsyncClient | None = None) -> bytes:
         """The scheduler's metrics followed by the front's own (distinct names: one valid exposition)."""
         try:
-            scheduler = (await self.client.metrics()).encode()
+            scheduler = (await (client or self.client).metrics()).encode()
             self.metrics.scheduler_up.set(1)
         except FastSwitchError as err:
             log.warning("scheduler_metrics_unavailable", error=str(err))
@@ -458,6 +520,10 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
     async def sdk_error(request: Request, err: FastSwitchError) -> JSONResponse:
         return ApiError.from_sdk(err).response()
 
+    @app.exception_handler(ServingError)
+    async def rule_error(request: Request, err: ServingError) -> JSONResponse:
+        return ApiError.from_rule(err).response()
+
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, err: RequestValidationError) -> JSONResponse:
         return _validation_error(err).response()
@@ -470,10 +536,11 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await front.respond(request, await front.prepare(request, body))
 
-    async def model_card() -> dict[str, Any]:
-        info = await front.model()
+    async def model_card(request: Request) -> dict[str, Any]:
+        client = front.identify(request, None).client
+        info = await front.model(client)
         return {
-            "id": await front.model_id(),
+            "id": await front.model_id(client),
             "object": "model",
             "created": front.started,
             "owned_by": "fastswitch",
@@ -481,12 +548,12 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
         }
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [await model_card()]}
+    async def models(request: Request) -> dict[str, Any]:
+        return {"object": "list", "data": [await model_card(request)]}
 
     @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict[str, Any]:
-        card = await model_card()
+    async def model(model: str, request: Request) -> dict[str, Any]:
+        card = await model_card(request)
         if model != card["id"]:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {card['id']!r}",
                            param="model", code="model_not_found")  # fmt: skip
@@ -495,13 +562,15 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
     @app.delete("/v1/conversations/{conversation_id}")
     async def delete_conversation(conversation_id: str, request: Request) -> dict[str, Any]:
         """Our conversations' end (OpenAI's Conversations API shape): frees the history and KV kept for it."""
-        tenant = front.identify(request, None)
-        await front.client.end_conversation(conversation_id, tenant=tenant)
+        caller = front.identify(request, None)
+        await caller.client.end_conversation(conversation_id, tenant=caller.tenant)
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": True}
 
     @app.get("/health")
     async def health() -> Response:
         if await front.client.serving():
+            if front.keys is not None:  # describing the model needs a caller's key: the scheduler's health says it all
+                return JSONResponse({"status": "ok"})
             try:
                 await front.model()
                 return JSONResponse({"status": "ok"})
@@ -510,8 +579,10 @@ def create_app(config: HttpConfig, client: AsyncClient | None = None) -> FastAPI
         return JSONResponse({"status": "unavailable"}, status_code=503)
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(await front.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request) -> Response:
+        caller = front.identify(request, None)
+        front.check_admin(caller, "/metrics")
+        return Response(await front.metrics_text(caller.client), media_type=CONTENT_TYPE_LATEST)
 
     return app
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from svc_common.settings import setting
+from svc_common.settings import api_keys_setting, setting, tls_cert_setting, tls_key_setting, validate_tls
 
 
 @dataclass(slots=True)
@@ -26,6 +27,15 @@ class HttpConfig:
         help="deadline of one generation on the scheduler, in seconds",
     )  # fmt: skip
 
+    # Security (issue 13): the same key file and rules as the scheduler's (svc_common/auth.py).
+    api_keys: str = api_keys_setting()
+    tls_cert: str = tls_cert_setting()
+    tls_key: str = tls_key_setting()
+    scheduler_tls_ca: str = setting(
+        "", env="FASTSWITCH_SCHEDULER_TLS_CA", metavar="FILE",
+        help="PEM CA of the scheduler's certificate: the front reaches the scheduler over TLS",
+    )  # fmt: skip
+
     def validate(self) -> None:
         if not 0 <= self.port < 65536:
             raise ValueError(f"HTTP port out of range: {self.port}")
@@ -35,3 +45,7 @@ class HttpConfig:
             raise ValueError(f"default max tokens must be > 0, got {self.default_max_tokens}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request timeout must be > 0, got {self.request_timeout_s}")
+        validate_tls(self.tls_cert, self.tls_key)
+        for path, flag in ((self.api_keys, "--api-keys"), (self.scheduler_tls_ca, "--scheduler-tls-ca")):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from scheduler_svc.vtc import check_prices
-from svc_common.settings import setting
+from svc_common.settings import (
+    api_keys_setting,
+    bind_host_setting,
+    drain_timeout_setting,
+    setting,
+    tls_cert_setting,
+    tls_key_setting,
+    validate_tls,
+)
 from svc_common.swap import Granularity
 
 POLICIES = ("fcfs", "priority", "vtc")
@@ -20,15 +29,41 @@ def _tenant_weight(item: str) -> tuple[str, float]:
     return name.strip(), float(value)
 
 
+@dataclass(frozen=True, slots=True)
+class NodeAddress:
+    """Where one executor node is reached: its executor and (optionally) the swap daemon beside it."""
+
+    executor: str
+    swapd: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> NodeAddress:
+        """`HOST:PORT` or `HOST:PORT,SWAPD_HOST:PORT`; ValueError says what is wrong."""
+        parts = [p.strip() for p in text.split(",")]
+        if not 1 <= len(parts) <= 2 or not all(_host_port(p) for p in parts):
+            raise ValueError(f"executor node {text!r} must look like HOST:PORT or HOST:PORT,SWAPD_HOST:PORT")
+        return cls(parts[0], parts[1] if len(parts) == 2 else "")
+
+    def __str__(self) -> str:
+        return f"{self.executor},{self.swapd}" if self.swapd else self.executor
+
+
+def _host_port(text: str) -> bool:
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 @dataclass(slots=True)
 class SchedulerConfig:
     port: int = setting(50051, env="FASTSWITCH_PORT", help="client API port")
-    executor_addr: str = setting(
-        "localhost:50052", flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", help="executor HOST:PORT"
-    )
+    executor_addr: list[str] = setting(
+        default_factory=lambda: ["localhost:50052"], flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", many=True,
+        metavar="HOST:PORT[,SWAPD_HOST:PORT]",
+        help="an executor node: its executor and, after a comma, the swap daemon beside it; one flag per node",
+    )  # fmt: skip
     swapd_addr: str = setting(
         "", flag="--swapd", env="FASTSWITCH_SWAPD_ADDR",
-        help="swap daemon HOST:PORT (empty: none; preemption recomputes)",
+        help="swap daemon HOST:PORT of a single --executor that names none (empty: none; preemption recomputes)",
     )  # fmt: skip
     model: str = setting(
         "", env="FASTSWITCH_MODEL", help="HF directory or GGUF file (empty: SmolLM2-135M-Instruct); the executor's too"
@@ -94,6 +129,34 @@ class SchedulerConfig:
         default_factory=dict, flag="--tenant-weight", env="FASTSWITCH_TENANT_WEIGHTS", item=_tenant_weight,
         metavar="TENANT=WEIGHT", help="VTC weight of a tenant (default 1)",
     )  # fmt: skip
+    # Security, admission and lifecycle (issue 13).
+    host: str = bind_host_setting()
+    tls_cert: str = tls_cert_setting()
+    tls_key: str = tls_key_setting()
+    link_tls_ca: str = setting(
+        "", env="FASTSWITCH_LINK_TLS_CA", metavar="FILE",
+        help="PEM CA that signed the executor's and swap daemon's certificates: the links to them use TLS",
+    )  # fmt: skip
+    api_keys: str = api_keys_setting()
+    max_waiting: int = setting(
+        1024, env="FASTSWITCH_MAX_WAITING", help="queued requests before new ones get RESOURCE_EXHAUSTED"
+    )
+    max_message_bytes: int = setting(
+        4 * 1024 * 1024, env="FASTSWITCH_MAX_MESSAGE_BYTES", help="largest client request accepted, in bytes"
+    )
+    drain_timeout_s: float = drain_timeout_setting()
+    step_timeout_s: float = setting(
+        120.0, flag="--step-timeout", env="FASTSWITCH_STEP_TIMEOUT_S",
+        help="seconds one step may take before the executor counts as lost",
+    )  # fmt: skip
+
+    @property
+    def nodes(self) -> list[NodeAddress]:
+        """The executor nodes, in the order given (`--swapd` completes a single node that names no daemon)."""
+        nodes = [NodeAddress.parse(text) for text in self.executor_addr]
+        if len(nodes) == 1 and not nodes[0].swapd and self.swapd_addr:
+            nodes[0] = NodeAddress(nodes[0].executor, self.swapd_addr)
+        return nodes
 
     @property
     def copy_granularity(self) -> Granularity:
@@ -139,4 +202,22 @@ class SchedulerConfig:
         if self.metrics_tenants < 0:
             raise ValueError(f"metrics tenants must be >= 0, got {self.metrics_tenants}")
         if not self.executor_addr:
-            raise ValueError("executor address is required")
+            raise ValueError("at least one executor node is required (--executor HOST:PORT[,SWAPD_HOST:PORT])")
+        nodes = self.nodes  # raises ValueError for a malformed address
+        if len({n.executor for n in nodes}) != len(nodes):
+            raise ValueError("an executor is named twice: give each node once")
+        if self.swapd_addr and len(nodes) > 1:
+            raise ValueError("--swapd names the daemon of a single node; with several, write --executor EXEC,SWAPD")
+        validate_tls(self.tls_cert, self.tls_key)
+        if self.link_tls_ca and not os.path.isfile(self.link_tls_ca):
+            raise ValueError(f"--link-tls-ca {self.link_tls_ca}: no such file")
+        if self.api_keys and not os.path.isfile(self.api_keys):
+            raise ValueError(f"--api-keys {self.api_keys}: no such file")
+        if self.max_waiting <= 0:
+            raise ValueError(f"max waiting must be > 0, got {self.max_waiting}")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"max message bytes must be >= 1024, got {self.max_message_bytes}")
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")
+        if self.step_timeout_s <= 0:
+            raise ValueError(f"step timeout must be > 0, got {self.step_timeout_s}")

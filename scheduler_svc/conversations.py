@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.sequence import Finish, RequestState, Sequence, now
 from scheduler_svc.stats import Stats
@@ -34,9 +33,11 @@ Message = dict[str, str]  # {"role": ..., "content": ...}, as chat templates tak
 
 @dataclass(slots=True, eq=False)
 class KeptKV:
-    """A finished turn's KV, kept for the conversation's next turn."""
+    """A finished turn's KV, kept for the conversation's next turn, on one node (`swaps`: that node's
+    swap manager, whose `blocks` is its device pool)."""
 
     key: Key
+    swaps: SwapManager
     num_tokens: int  # the KV of the conversation's tokens[:num_tokens] is kept
     blocks: list[int]  # device blocks holding all of it (empty once spilled to the host)
     host_blocks: list[int]  # host blocks holding the KV of tokens[:host_tokens]
@@ -69,10 +70,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class ConversationCache:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, swaps: SwapManager, stats: Stats) -> None:
+    """Every conversation of the fleet, one record each; a record's kept KV lives on one node.
+
+    Histories are the fleet's (a node that dies takes only KV with it); the methods that make room or
+    forget copies take the node they act on (its `SwapManager`)."""
+
+    def __init__(self, config: SchedulerConfig, stats: Stats) -> None:
         self.config = config
-        self.blocks = blocks
-        self.swaps = swaps
         self.stats = stats
         self._by_key: OrderedDict[Key, Conversation] = OrderedDict()  # least recently used first
 
@@ -99,8 +103,9 @@ class ConversationCache:
 
     # -- turns (the scheduler) --------------------------------------------------------------------
 
-    def start_turn(self, seq: Sequence, messages: list[Message] | None = None) -> None:
-        """A turn arrives: record its history and start it from the kept KV where it can.
+    def start_turn(self, seq: Sequence, swaps: SwapManager, messages: list[Message] | None = None) -> None:
+        """A turn arrives on the node of `swaps`: record its history and start it from the kept KV
+        where it can (KV kept on another node is dropped: the turn recomputes it).
 
         Raises ResourceExhaustedError, changing nothing, if a new conversation finds no room."""
         assert seq.conversation is not None
@@ -114,9 +119,20 @@ class ConversationCache:
         self._touch(conv)
         if conv.tokens:  # how much of the prompt is history (reused or not)
             seq.history_tokens = min(common_prefix(conv.tokens, seq.prompt_ids), seq.num_prompt - 1)
+        if conv.kv is not None and conv.kv.swaps is not swaps:  # kept on another node: recompute here
+            if conv.kv.spill is None:
+                self._drop_kv(conv)
+            self.stats.count("kept_kv_elsewhere")
+            self._count_prefix(seq)
+            return
         self._reuse(seq, conv)
 
-    def finish_turn(self, seq: Sequence, reason: Finish) -> None:
+    def node_of(self, key: Key) -> SwapManager | None:
+        """The node (its swap manager) that keeps the conversation's KV, if any."""
+        conv = self._by_key.get(key)
+        return conv.kv.swaps if conv is not None and conv.kv is not None else None
+
+    def finish_turn(self, seq: Sequence, reason: Finish, swaps: SwapManager) -> None:
         """A turn ended. A completed one becomes the conversation's last turn, and its KV is kept when
         it is on the device (the caller frees whatever seq still owns afterwards)."""
         assert seq.conversation is not None
@@ -130,7 +146,7 @@ class ConversationCache:
         conv.tokens = seq.tokens
         self._drop_kv(conv)  # an earlier turn's KV (a concurrent turn's) is not this history's
         if seq.state is RequestState.RUNNING and self.config.reuse:
-            self._keep(conv, seq)
+            self._keep(conv, seq, swaps)
 
     def _reuse(self, seq: Sequence, conv: Conversation) -> None:
         """Start seq from its conversation's kept KV: the longest common token prefix is not recomputed.
@@ -150,15 +166,16 @@ class ConversationCache:
                 self._count_prefix(seq)
             return
         conv.kv = None
+        blocks, swaps = kv.swaps.blocks, kv.swaps
         # At least the last prompt token is computed again: its logits give the first new token.
         reuse = min(common_prefix(conv.tokens, seq.prompt_ids), kv.num_tokens, seq.num_prompt - 1)
         on_host = min(kv.host_tokens, reuse)
-        host_keep = self.blocks.blocks_for(on_host)
-        self.swaps.free_host(kv.host_blocks[host_keep:])
+        host_keep = blocks.blocks_for(on_host)
+        swaps.free_host(kv.host_blocks[host_keep:])
         seq.host_table, seq.host_tokens = kv.host_blocks[:host_keep], on_host
         if kv.blocks:
-            keep = self.blocks.blocks_for(reuse)
-            self.blocks.free(kv.blocks[keep:])
+            keep = blocks.blocks_for(reuse)
+            blocks.free(kv.blocks[keep:])
             seq.block_table = kv.blocks[:keep]
         else:
             reuse = on_host  # only what the host holds
@@ -174,20 +191,22 @@ class ConversationCache:
     def _count_prefix(self, seq: Sequence) -> None:
         self.stats.count("recomputed_prefix_tokens", max(0, seq.history_tokens - seq.reused_tokens))
 
-    def _keep(self, conv: Conversation, seq: Sequence) -> None:
+    def _keep(self, conv: Conversation, seq: Sequence, swaps: SwapManager) -> None:
         """Take over the finished turn's KV (and any host copy of it) for the next turn."""
-        kv_blocks = self.blocks.blocks_for(seq.num_computed)
-        self.blocks.free(seq.block_table[kv_blocks:])
-        conv.kv = KeptKV(conv.key, seq.num_computed, seq.block_table[:kv_blocks], seq.host_table, seq.host_tokens)
+        kv_blocks = swaps.blocks.blocks_for(seq.num_computed)
+        swaps.blocks.free(seq.block_table[kv_blocks:])
+        conv.kv = KeptKV(
+            conv.key, swaps, seq.num_computed, seq.block_table[:kv_blocks], seq.host_table, seq.host_tokens
+        )
         seq.block_table, seq.host_table, seq.host_tokens = [], [], 0
-        self._enforce_host_budget()
+        self._enforce_host_budget(swaps)
 
     def _drop_kv(self, conv: Conversation) -> None:
         kv, conv.kv = conv.kv, None
         if kv is None:
             return
-        self.blocks.free(kv.blocks)  # blocks under a spill are freed when it lands
-        self.swaps.free_host(kv.host_blocks)
+        kv.swaps.blocks.free(kv.blocks)  # blocks under a spill are freed when it lands
+        kv.swaps.free_host(kv.host_blocks)
         kv.blocks, kv.host_blocks, kv.host_tokens = [], [], 0
         self._wake_waiter(kv)
 
@@ -204,27 +223,30 @@ class ConversationCache:
 
     # -- making room ------------------------------------------------------------------------------
 
-    def free_device_room(self) -> bool:
-        """Make device room from the least recently used kept KV: spill it to the host, or drop it."""
-        conv = next((c for c in self._by_key.values() if c.kv is not None and c.kv.blocks), None)
+    def free_device_room(self, swaps: SwapManager) -> bool:
+        """Make device room on the node of `swaps` from its least recently used kept KV: spill it to
+        the host, or drop it."""
+        kept = (c for c in self._by_key.values() if c.kv is not None and c.kv.blocks and c.kv.swaps is swaps)
+        conv = next(kept, None)
         if conv is None or conv.kv is None:
             return False
         kv = conv.kv
         if self._spill(kv):
             return True
-        self.blocks.free(kv.blocks)
+        swaps.blocks.free(kv.blocks)
         kv.blocks = []
         if not kv.host_tokens:
             conv.kv = None
         self.stats.count("kept_kv_evicted")
         return True
 
-    def evict_host_copy(self, spare: object = None) -> bool:
-        """Drop the least recently used idle conversation's host copy (its device copy, if any, stays)."""
+    def evict_host_copy(self, swaps: SwapManager, spare: object = None) -> bool:
+        """Drop the least recently used idle conversation's host copy on the node of `swaps` (its device
+        copy, if any, stays)."""
         for conv in self._by_key.values():
             kv = conv.kv
-            if kv is not None and kv.host_blocks and kv.spill is None and kv is not spare:
-                self.swaps.free_host(kv.host_blocks)
+            if kv is not None and kv.swaps is swaps and kv.host_blocks and kv.spill is None and kv is not spare:
+                swaps.free_host(kv.host_blocks)
                 kv.host_blocks, kv.host_tokens = [], 0
                 if not kv.blocks:
                     conv.kv = None
@@ -235,25 +257,26 @@ class ConversationCache:
     def _spill(self, kv: KeptKV) -> bool:
         """Start copying kept KV from the device to the host (only blocks the host lacks); False if
         it cannot (no daemon, no reuse, host budget or pool exhausted)."""
-        if not self.swaps.enabled or not self.config.reuse:
+        swaps = kv.swaps
+        if not swaps.enabled or not self.config.reuse:
             return False
-        host = self.swaps.host
+        host = swaps.host
         budget = self.config.conversation_host_blocks or (host.num_blocks if host is not None else 0)
-        new_blocks = len(kv.blocks) - min(kv.host_tokens, kv.num_tokens) // self.blocks.block_size
-        while self._kept_host_blocks() + new_blocks > budget:
-            if not self.evict_host_copy(spare=kv):
+        new_blocks = len(kv.blocks) - min(kv.host_tokens, kv.num_tokens) // swaps.blocks.block_size
+        while self._kept_host_blocks(swaps) + new_blocks > budget:
+            if not self.evict_host_copy(swaps, spare=kv):
                 return False
-        plan = self.swaps.plan_copy_out(kv, kv.num_tokens, kv.host_tokens, kv.host_blocks)
+        plan = swaps.plan_copy_out(kv, kv.num_tokens, kv.host_tokens, kv.host_blocks)
         if plan is None:
             return False
         device_copy = kv.blocks[plan.start :]
-        self.blocks.free(kv.blocks[: plan.start])
+        swaps.blocks.free(kv.blocks[: plan.start])
         kv.blocks = []
         kv.host_blocks = kv.host_blocks[: plan.start]
-        kv.host_tokens = min(kv.host_tokens, plan.start * self.blocks.block_size)  # the part outside the copy
+        kv.host_tokens = min(kv.host_tokens, plan.start * swaps.blocks.block_size)  # the part outside the copy
         self.stats.count("kept_kv_spilled")
         if device_copy:
-            kv.spill = self.swaps.order(Direction.OUT, kv, device_copy, plan.host_blocks, kv.num_tokens)
+            kv.spill = swaps.order(Direction.OUT, kv, device_copy, plan.host_blocks, kv.num_tokens)
         else:
             kv.host_tokens = kv.num_tokens
         return True
@@ -263,25 +286,25 @@ class ConversationCache:
         kv = order.owner
         assert isinstance(kv, KeptKV)
         kv.spill = None
-        self.blocks.free(order.device_blocks)
+        kv.swaps.blocks.free(order.device_blocks)
         conv = self._by_key.get(kv.key)
         current = conv is not None and conv.kv is kv
         if ok and current:
             kv.host_blocks = kv.host_blocks + order.host_blocks
             kv.host_tokens = order.tokens
             self._wake_waiter(kv)
-            self._enforce_host_budget()
+            self._enforce_host_budget(kv.swaps)
             return
-        self.swaps.free_host(order.host_blocks)
+        kv.swaps.free_host(order.host_blocks)
         if conv is not None and current:
             self._drop_kv(conv)  # wakes the waiter: it recomputes
 
-    def _kept_host_blocks(self) -> int:
-        return sum(len(kv.host_blocks) for kv in self.kept())
+    def _kept_host_blocks(self, swaps: SwapManager) -> int:
+        return sum(len(kv.host_blocks) for kv in self.kept(swaps))
 
-    def _enforce_host_budget(self) -> None:
+    def _enforce_host_budget(self, swaps: SwapManager) -> None:
         budget = self.config.conversation_host_blocks
-        while budget and self._kept_host_blocks() > budget and self.evict_host_copy():
+        while budget and self._kept_host_blocks(swaps) > budget and self.evict_host_copy(swaps):
             pass
 
     # -- forgetting -------------------------------------------------------------------------------
@@ -313,22 +336,22 @@ class ConversationCache:
         self.end(victim.key)
         self.stats.count("conversations_evicted")
 
-    def forget_host_copies(self) -> None:
-        """The swap daemon is gone, and every host copy with it (its spills have failed already)."""
+    def forget_host_copies(self, swaps: SwapManager) -> None:
+        """The node's swap daemon is gone, and every host copy with it (its spills have failed already)."""
         for conv in self._by_key.values():
             kv = conv.kv
-            if kv is not None:
+            if kv is not None and kv.swaps is swaps:
                 kv.host_blocks, kv.host_tokens = [], 0
                 if not kv.blocks:
                     conv.kv = None
 
-    def forget_device_copies(self) -> None:
-        """The executor is gone, and the device KV with it: keep only what the host holds."""
+    def forget_device_copies(self, swaps: SwapManager) -> None:
+        """The node's executor is gone, and the device KV with it: keep only what the host holds."""
         for conv in self._by_key.values():
             kv = conv.kv
-            if kv is None:
+            if kv is None or kv.swaps is not swaps:
                 continue
-            self.blocks.free(kv.blocks)
+            swaps.blocks.free(kv.blocks)
             kv.blocks = []
             if not kv.host_tokens and kv.spill is None:
                 self._drop_kv(conv)
@@ -338,12 +361,13 @@ class ConversationCache:
     def get(self, key: Key) -> Conversation | None:
         return self._by_key.get(key)
 
-    def kept(self) -> list[KeptKV]:
-        """Every conversation's kept KV, least recently used first."""
-        return [conv.kv for conv in self._by_key.values() if conv.kv is not None]
+    def kept(self, swaps: SwapManager | None = None) -> list[KeptKV]:
+        """Every conversation's kept KV (on the node of `swaps`, or anywhere), least recently used first."""
+        return [c.kv for c in self._by_key.values() if c.kv is not None and (swaps is None or c.kv.swaps is swaps)]
 
-    def gauges(self) -> dict[str, float]:
-        kept = self.kept()
+    def gauges(self, swaps: SwapManager | None = None) -> dict[str, float]:
+        """Histories fleet-wide; kept KV on the node of `swaps` (or everywhere)."""
+        kept = self.kept(swaps)
         return {
             "conversations": len(self._by_key),
             "conversation_messages": sum(len(c.messages) for c in self._by_key.values()),

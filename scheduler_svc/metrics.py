@@ -90,6 +90,10 @@ _COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      "priority_changes", {}),
     ("fastswitch_executor_reconnects", "Times the executor stream was lost and re-established",
      "executor_reconnects", {}),
+    ("fastswitch_failed_steps", "Steps the executor answered with an error (each is replayed once)",
+     "failed_steps", {}),
+    ("fastswitch_step_timeouts", "Steps that took longer than --step-timeout (the executor counted as lost)",
+     "step_timeouts", {}),
 )  # fmt: skip
 
 # (metric name, help, {label value: stats key}) for gauges read at scrape time.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from scheduler_svc.block_manager import BlockManager
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.conversations import ConversationCache, KeptKV, Message
 from scheduler_svc.policy import Policy, PriorityUpdates, make_policy
-from scheduler_svc.sequence import Finish, RequestState, Sequence, now
+from scheduler_svc.sequence import Finish, Phase, RequestState, Sequence, now
 from scheduler_svc.stats import Stats
 from scheduler_svc.swap_manager import SwapManager, SwapOrder
 from svc_common.plan import NewRequest, ScheduledChunk, StepOutput, StepPlan
@@ -43,6 +44,9 @@ class TokenEvent:
 
     seq: Sequence
     token_id: int
+
+
+_QUEUED = (RequestState.WAITING, RequestState.SWAPPED)
 
 
 class Room(enum.Enum):
@@ -72,35 +76,63 @@ class Scheduler:
         block_size: int,
         eos_token_ids: set[int],
         policy: Policy | None = None,
+        *,
+        stats: Stats | None = None,
+        conversations: ConversationCache | None = None,
+        priority_updates: PriorityUpdates | None = None,
     ) -> None:
+        """One node's scheduler. A fleet of nodes shares one `policy`, `stats`, `conversations` and
+        `priority_updates` (fairness and histories are fleet-wide); alone, the scheduler makes its own."""
         self.config = config
         self.eos_token_ids = eos_token_ids
-        self.stats = Stats()
+        self.stats = stats if stats is not None else Stats()
         self.blocks = BlockManager(num_blocks, block_size)
         self.swaps = SwapManager(config, self.blocks, self.stats, reclaim_host=self._reclaim_host)
-        self.conversations = ConversationCache(config, self.blocks, self.swaps, self.stats)
+        self.conversations = conversations if conversations is not None else ConversationCache(config, self.stats)
         self.policy = policy or make_policy(config)
-        self.priority_updates = PriorityUpdates(
+        self.priority_updates = priority_updates or PriorityUpdates(
             config.priority_updates, config.priority_update_prob, config.priority_levels, config.seed
         )
-        self.requests: dict[str, Sequence] = {}  # every live request, by id
+        self.requests: dict[str, Sequence] = {}  # every live request of this node, by id
         self.running: list[Sequence] = []  # the live requests in state RUNNING
         self.waiting: list[Sequence] = []  # every other live request
         self.in_flight: StepPlan | None = None
+        self.generated_tokens = 0  # tokens this node's steps produced
+        self.lowest_running: Sequence | None = None  # the lowest-ranked running request at the last ranking
+        self.passed_over: list[Sequence] = []  # queued requests the last step did not admit, best-ranked first
         self._releases: list[str] = []  # requests the executor must forget with the next plan
         self._step_ids = itertools.count()
 
     # -- requests in and out ----------------------------------------------------------------------
 
-    def add(self, seq: Sequence, messages: list[Message] | None = None) -> None:
+    def add(self, seq: Sequence, messages: list[Message] | None = None, live: Iterable[Sequence] | None = None) -> None:
         """Queue a new request (a conversation's turn starts from its kept KV; `messages` is the
-        conversation's history with this turn's prompt). Raises ResourceExhaustedError, changing
-        nothing, when a new conversation finds no room."""
+        conversation's history with this turn's prompt; `live`: every live request the policy weighs
+        it against, default this node's). Raises ResourceExhaustedError, changing nothing, when a new
+        conversation finds no room."""
         if seq.conversation is not None:
-            self.conversations.start_turn(seq, messages)
-        self.policy.on_arrival(seq, self.requests.values())
+            self.conversations.start_turn(seq, self.swaps, messages)
+        self.policy.on_arrival(seq, self.requests.values() if live is None else live)
+        self.adopt(seq)
+
+    def adopt(self, seq: Sequence) -> None:
+        """Queue a request that arrived elsewhere (moved from another node: it holds no KV here)."""
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
+
+    def movable(self, seq: Sequence) -> bool:
+        """Whether seq can leave this node at no cost: queued, with no KV here and no copy in flight."""
+        return seq.state is RequestState.WAITING and not seq.block_table and not seq.host_table
+
+    def detach(self, seq: Sequence) -> None:
+        """Take a movable request off this node (the caller adopts it elsewhere)."""
+        if not self.movable(seq):
+            raise ValueError(f"request {seq.request_id} holds KV or a copy on this node ({seq.state.value})")
+        del self.requests[seq.request_id]
+        self.waiting.remove(seq)
+        if seq.executor_known:  # (never: it holds no blocks) kept for safety
+            self._releases.append(seq.request_id)
+            seq.executor_known = False
 
     def abort(self, request_id: str, reason: Finish = Finish.CANCELLED) -> Sequence | None:
         """End a live request now; returns it, or None if it is not live."""
@@ -131,6 +163,7 @@ class Scheduler:
         self.conversations.expire(now())
         step = _Step(budget=self.config.max_step_tokens)
         ranked = self.policy.order([*self.running, *self.waiting])
+        self.lowest_running = next((s for s in reversed(ranked) if s.state is RequestState.RUNNING), None)
         for i, seq in enumerate(ranked):
             if step.budget <= 0:
                 break
@@ -138,6 +171,8 @@ class Scheduler:
                 continue  # a copy is in flight for it
             if not self._admit(seq, ranked, i, step):
                 break
+        # What this step passed over, best-ranked first: the fleet may place it on another node.
+        self.passed_over = [s for s in ranked if s.state in _QUEUED] if self.waiting else []
         return self._plan(step)
 
     def _admit(self, seq: Sequence, ranked: list[Sequence], i: int, step: _Step) -> bool:
@@ -198,7 +233,7 @@ class Scheduler:
         while self.blocks.num_free < needed:
             if self.blocks.num_free + self.swaps.landing_blocks() >= needed:
                 return Room.WAIT
-            if self.conversations.free_device_room():
+            if self.conversations.free_device_room(self.swaps):
                 continue
             if not victims:
                 return Room.NO
@@ -240,6 +275,7 @@ class Scheduler:
         self.in_flight = None
         sampled = dict(output.tokens)
         events: list[TokenEvent] = []
+        at = now()  # one clock reading for the step's phase changes
         for chunk in plan.chunks:
             seq = self.requests.get(chunk.request_id)
             if seq is None or seq.state is not RequestState.RUNNING:
@@ -253,7 +289,6 @@ class Scheduler:
             if chunk.sample:
                 token = sampled[chunk.request_id]
                 seq.tokens.append(token)
-                self.stats.count("generated_tokens")
                 events.append(TokenEvent(seq, token))
                 is_eos = token in self.eos_token_ids
                 # Structured output: the grammar follows generated tokens only (an ignored EOS is not one).
@@ -263,15 +298,20 @@ class Scheduler:
                     self._finish(seq, Finish.LENGTH)
                 elif (is_eos and not seq.ignore_eos) or (seq.grammar is not None and seq.grammar.done):
                     self._finish(seq, Finish.EOS)  # a finished grammar allows only EOS: end without sampling it
-            if not seq.finished:
-                seq.update_phase()
+            if not seq.finished and seq.phases.current is not Phase.DECODE:  # decoding stays decoding while it runs
+                seq.update_phase(at)
+        self.stats.count("generated_tokens", len(events))
+        self.generated_tokens += len(events)
         return events
 
     # -- swaps --------------------------------------------------------------------------------------
 
     def attach_host_pool(self, num_host_blocks: int) -> None:
-        """A swap daemon with this many host blocks is attached: preemption may swap."""
+        """A swap daemon with this many host blocks is attached: preemption may swap. (The daemon
+        accepts a new attachment only once the copies of its previous stream have ended, so the
+        device blocks quarantined when that stream broke are safe to reuse now.)"""
         self.swaps.attach(num_host_blocks)
+        self.swaps.release_quarantine()
 
     def take_swap_orders(self) -> list[SwapOrder]:
         """The copies decided since the last call, now in flight (the engine sends them)."""
@@ -298,18 +338,21 @@ class Scheduler:
     def on_swap_daemon_lost(self) -> None:
         """Copies in flight and KV on the host are gone: those requests recompute from tokens."""
         for order in self.swaps.detach():
+            # The daemon may still be running this copy (only its stream broke): its device blocks
+            # stay out of use until a new attachment proves it has finished (or the pool is replaced).
+            self.swaps.quarantine(order)
             self._copy_ended(order, ok=False)
         for seq in self.requests.values():
             if seq.state is RequestState.SWAPPED:
                 self.swaps.fall_back_to_recompute(seq)
             seq.host_table, seq.host_tokens = [], 0
-        self.conversations.forget_host_copies()
+        self.conversations.forget_host_copies(self.swaps)
         self.stats.count("swap_daemon_lost")
 
     def _reclaim_host(self, spare: Owner) -> bool:
         """Host room for `spare`'s copy: idle conversations' host copies go first (least recently used),
         then the host copies of requests whose KV is on the device (they only save copying later)."""
-        if self.conversations.evict_host_copy(spare):
+        if self.conversations.evict_host_copy(self.swaps, spare):
             return True
         on_device = (RequestState.RUNNING, RequestState.WAITING)
         mirrors = [s for s in self.requests.values() if s.host_table and s.state in on_device and s is not spare]
@@ -325,13 +368,14 @@ class Scheduler:
         recompute from tokens, and conversations keep only what the host holds."""
         self.in_flight = None
         for seq in list(self.running):
+            self.stats.count("recomputed_tokens", seq.num_computed)
             self._preempt(seq, count=False)
         for seq in self.waiting:
             if seq.state is RequestState.WAITING and seq.block_table:  # swapped back in, or reusing kept KV
                 self.stats.count("recomputed_tokens", seq.num_computed)
                 self._release(seq)
                 seq.num_computed = 0
-        self.conversations.forget_device_copies()
+        self.conversations.forget_device_copies(self.swaps)
         self._releases = []  # the new executor knows no request: nothing to release
 
     # -- freeing ------------------------------------------------------------------------------------
@@ -376,7 +420,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
         if seq.conversation is not None:
-            self.conversations.finish_turn(seq, reason)  # may keep its KV for the next turn
+            self.conversations.finish_turn(seq, reason, self.swaps)  # may keep its KV for the next turn
         self._release(seq)
         (self.running if seq.state is RequestState.RUNNING else self.waiting).remove(seq)
         seq.move_to(RequestState.FINISHED)
@@ -391,10 +435,11 @@ class Scheduler:
         gauges: dict[str, float] = {
             "device_blocks_free": self.blocks.num_free,
             "device_blocks_total": self.blocks.num_blocks,
+            "device_blocks_quarantined": len(self.swaps.quarantined),
             "swaps_in_flight": self.swaps.num_in_flight,
             "running": len(self.running),
             "waiting": len(self.waiting),
-            **self.conversations.gauges(),
+            **self.conversations.gauges(self.swaps),
         }
         if self.swaps.host is not None:
             gauges["host_blocks_free"] = self.swaps.host.num_free

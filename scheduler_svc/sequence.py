@@ -136,6 +136,7 @@ class Sequence:
     history_tokens: int = 0  # prompt tokens that repeat the conversation's previous turn (reused or not)
     prompt_served: int = 0  # prompt tokens counted as service once (recomputation is not service)
     blocked: bool = False  # its turn came in a step's walk, but no device blocks were free (cleared once they are)
+    moved_at: float = float("-inf")  # when the fleet last moved it to another node
     phases: PhaseClock = field(init=False)
     grammar: GrammarState | None = None  # structured output: follows the generated tokens, not the KV
 

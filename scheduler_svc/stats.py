@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 ALWAYS_SHOWN = tuple(
     "preemptions swap_out_bytes swap_in_bytes copy_calls swap_stall_s swap_fallback_recompute recomputed_tokens "
     "reused_prefix_tokens reused_from_host_tokens recomputed_prefix_tokens "
-    "kept_kv_spilled kept_kv_evicted kept_kv_host_evicted kept_kv_expired".split()
+    "kept_kv_spilled kept_kv_evicted kept_kv_host_evicted kept_kv_expired "
+    "executor_reconnects failed_steps step_timeouts conversations_expired conversations_evicted".split()
 )
 
 

@@ -85,6 +85,9 @@ class SwapManager:
         self._decided: list[SwapOrder] = []  # not sent yet
         self._in_flight: dict[int, SwapOrder] = {}
         self._ids = itertools.count(1)
+        # Device blocks of copies that were in flight when the daemon's stream broke: the daemon may
+        # still be writing them, so nobody owns them and nobody may allocate them until it is safe.
+        self.quarantined: list[int] = []
 
     # -- the daemon -------------------------------------------------------------------------------
 
@@ -95,6 +98,19 @@ class SwapManager:
     def enabled(self) -> bool:
         """Whether preemption may swap (a daemon is attached and the mode swaps)."""
         return self.config.preemption != "recompute" and self.host is not None
+
+    def quarantine(self, order: SwapOrder) -> None:
+        """Keep a failed in-flight copy's device blocks out of use (the order no longer frees them)."""
+        self.quarantined += order.device_blocks
+        order.device_blocks = []
+
+    def release_quarantine(self) -> None:
+        """No copy of a broken stream can still touch the device pool (a new attachment, or a new
+        pool): quarantined blocks are free again."""
+        if self.quarantined:
+            self.blocks.free(self.quarantined)
+            self.stats.count("quarantined_blocks_released", len(self.quarantined))
+            self.quarantined = []
 
     def detach(self) -> list[SwapOrder]:
         """The daemon is gone: returns every order, decided or in flight, for its owner to fail.

@@ -5,7 +5,8 @@ The stream opens by attaching the daemon to the executor's KV pool; the daemon's
 becomes the scheduler's. Every copy the scheduler decides is sent as a SwapCommand (`send`), and each
 SwapDone, in whatever order copies finish, is applied to the scheduler as it arrives (`on_done`).
 When the stream breaks the daemon is lost: the scheduler recomputes whatever depended on it, and
-the link reconnects. A new executor has a new pool, so `restart()` attaches the daemon to that one.
+the link reconnects. A new executor has a new pool: the node starts a new link for it, once the old
+one has stopped (the daemon accepts the new attachment only after the old stream's copies ended).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -22,7 +23,7 @@ import structlog
 from fastswitch.v1 import executor_pb2, swap_pb2, swap_pb2_grpc
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.swap_manager import SwapOrder
-from svc_common.server import CHANNEL_OPTIONS
+from svc_common.server import link_channel
 
 log = structlog.get_logger(__name__)
 
@@ -33,19 +34,22 @@ RECONNECT_DELAY_S = 1.0
 class SwapDaemonLink:
     """One Swap stream to the daemon at `addr`, applying completions to `scheduler`.
 
-    `on_change` is called whenever a copy lands or fails (the step loop may have work again)."""
+    `on_change` is called whenever a copy lands or fails (the step loop may have work again); with
+    `tls_ca` the stream uses TLS, verified against that CA."""
 
-    def __init__(self, addr: str, scheduler: Scheduler, on_change: Callable[[], None]) -> None:
+    def __init__(self, addr: str, scheduler: Scheduler, on_change: Callable[[], None], tls_ca: str = "") -> None:
         self.addr = addr
+        self.tls_ca = tls_ca
         self.scheduler = scheduler
         self.landed = asyncio.Event()  # set whenever a copy ends (or the daemon is lost)
         self._on_change = on_change
         self._call: Any = None  # the attached stream, or None
         self._task: asyncio.Task[None] | None = None
 
-    def start(self, info: executor_pb2.ExecutorInfo) -> None:
-        """Connect (and keep reconnecting) to the daemon, attaching it to the pool `info` describes."""
-        self._task = asyncio.create_task(self._run(info), name="swap-link")
+    def start(self, info: executor_pb2.ExecutorInfo, after: Awaitable[None] | None = None) -> None:
+        """Connect (and keep reconnecting) to the daemon, attaching it to the pool `info` describes
+        (once `after`, the previous link's stop, is done)."""
+        self._task = asyncio.create_task(self._run(info, after), name="swap-link")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -54,13 +58,6 @@ class SwapDaemonLink:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._call = None
-
-    async def restart(self, info: executor_pb2.ExecutorInfo) -> None:
-        """A new executor has a new KV pool: the daemon must map that one, not the old one. Copies
-        still in flight refer to the old pool, so their requests recompute."""
-        await self.stop()
-        self._lost()
-        self.start(info)
 
     def on_attached(self, call: Any, num_host_blocks: int) -> None:
         """The stream `call` is attached: the daemon's host pool is the scheduler's from now on."""
@@ -106,8 +103,10 @@ class SwapDaemonLink:
             await self.landed.wait()
         self.scheduler.stats.count("swap_stall_s", time.perf_counter() - start)
 
-    async def _run(self, info: executor_pb2.ExecutorInfo) -> None:
-        channel = grpc.aio.insecure_channel(self.addr, options=CHANNEL_OPTIONS)
+    async def _run(self, info: executor_pb2.ExecutorInfo, after: Awaitable[None] | None) -> None:
+        if after is not None:
+            await after
+        channel = link_channel(self.addr, self.tls_ca)
         stub = swap_pb2_grpc.SwapDaemonStub(channel)
         try:
             while True:

@@ -6,6 +6,7 @@ message at the server edge, so servicers stay thin and no handler aborts with a 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -14,11 +15,22 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+# Requests refused at this process's edge, by status name (`stats` shows them as `refused_<code>`).
+REFUSED: Counter[str] = Counter()
+
 
 class ServingError(Exception):
-    """Base class: carries the gRPC status code it maps to."""
+    """Base class: carries the gRPC status code it maps to (and, optionally, when to retry)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str = "", retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unauthenticated(ServingError):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class InvalidArgument(ServingError):
@@ -71,8 +83,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("rpc_failed", method=method)
             else:
+                REFUSED[code.name.lower()] += 1
                 log.info("rpc_rejected", method=method, code=code.name, reason=message)
-            await context.abort(code, message)
+            retry_after = getattr(exc, "retry_after_s", None)
+            trailers = (("retry-after", f"{retry_after:g}"),) if retry_after is not None else ()
+            await context.abort(code, message, trailing_metadata=trailers)
 
         if handler.unary_unary:
             inner_uu = handler.unary_unary

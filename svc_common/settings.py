@@ -37,6 +37,7 @@ class Setting:
     negate: bool = False  # a bool whose flag turns it off (`kv_reuse` <- `--no-kv-reuse`)
     item: Callable[[str], tuple[str, Any]] | None = None  # a dict built from repeated `KEY=VALUE` flags
     metavar: str | None = None
+    many: bool = False  # a list of strings from a repeated flag (environment: items separated by ';' or spaces)
 
 
 def setting(
@@ -50,9 +51,10 @@ def setting(
     negate: bool = False,
     item: Callable[[str], tuple[str, Any]] | None = None,
     metavar: str | None = None,
+    many: bool = False,
 ) -> Any:
     """A dataclass field that is also a command-line flag and (optionally) an environment variable."""
-    meta = {"setting": Setting(flag, env, help, tuple(choices) if choices else None, negate, item, metavar)}
+    meta = {"setting": Setting(flag, env, help, tuple(choices) if choices else None, negate, item, metavar, many)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -126,9 +128,23 @@ def _from_env(f: dataclasses.Field[Any], s: Setting, environ: dict[str, str]) ->
             return not flag_on if s.negate else flag_on
         if s.item is not None:
             return dict(s.item(part) for part in text.split(",") if part.strip())
+        if s.many:
+            return text.replace(";", " ").split()
         return _scalar(kind)(text)
     except ValueError as err:
         raise ValueError(f"environment variable {s.env}={text!r} is not valid: {err}") from None
+
+
+class _Many(argparse.Action):
+    """A repeated flag into a list; the first use replaces the default (from the environment)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any, _: Any = None
+    ) -> None:
+        seen = f"_{self.dest}_given"
+        items = list(getattr(namespace, self.dest) or []) if getattr(namespace, seen, False) else []
+        setattr(namespace, seen, True)
+        setattr(namespace, self.dest, [*items, value])
 
 
 class _Items(argparse.Action):
@@ -183,6 +199,15 @@ def add_arguments(
                 default=default,
                 help=f"{s.help} (default: {shown_default}{where})",
             )
+        elif s.many:
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=_Many,
+                default=default,
+                metavar=s.metavar,
+                help=f"{s.help} (repeatable; default: {' '.join(shown) or 'none'}{where}, ';'-separated)",
+            )
         elif s.item is not None:
             parser.add_argument(
                 flag,
@@ -235,6 +260,9 @@ def to_argv(config: Any, *, exclude: Iterable[str] = ()) -> list[str]:
         elif s.item is not None:
             for key, item in value.items():
                 argv += [flag, f"{key}={item}"]
+        elif s.many:
+            for item in value:
+                argv += [flag, item]
         else:
             argv += [flag, str(value)]
     return argv
@@ -248,15 +276,61 @@ def field_names(config_type: type) -> set[str]:
     return {f.name for f, _ in _settings(config_type)}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A bad flag or value: one line saying what is wrong, exit code 2 (no usage dump, no traceback)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def run_parser(prog: str, description: str | None, config_type: type, argv: list[str] | None) -> Any:
     """The whole entry point of a service's command line: parse, build, validate; bad input exits 2
     with one line saying what is wrong."""
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, config_type)
     args = parser.parse_args(argv)
     try:
         return from_args(config_type, args)
     except ValueError as err:
         parser.error(str(err))
+
+
+# -- settings every service has (each service's config declares them with these) --------------------
+
+
+def bind_host_setting(default: str = "::") -> Any:
+    return setting(default, flag="--host", env="FASTSWITCH_HOST", help="address to bind (:: or 0.0.0.0: all)")
+
+
+def tls_cert_setting() -> Any:
+    return setting(
+        "", env="FASTSWITCH_TLS_CERT", metavar="FILE", help="PEM certificate: serve TLS on this port (with --tls-key)"
+    )
+
+
+def tls_key_setting() -> Any:
+    return setting("", env="FASTSWITCH_TLS_KEY", metavar="FILE", help="PEM private key of --tls-cert")
+
+
+def api_keys_setting() -> Any:
+    """The key file of a front that serves clients (the scheduler's gRPC API, the HTTP API): svc_common/auth.py."""
+    return setting(
+        "", env="FASTSWITCH_API_KEYS", metavar="FILE",
+        help="key file, lines `KEY TENANT [max-priority=P] [max-requests=N] [admin]` (empty: open, no auth)",
+    )  # fmt: skip
+
+
+def drain_timeout_setting() -> Any:
+    return setting(
+        30.0, flag="--drain-timeout", env="FASTSWITCH_DRAIN_TIMEOUT_S",
+        help="on SIGTERM, seconds live work may take to finish before the service stops",
+    )  # fmt: skip
+
+
+def validate_tls(cert: str, key: str) -> None:
+    """Both or neither, and both readable: a bad path is said at start, not at the first connection."""
+    if bool(cert) != bool(key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    for path, what in ((cert, "--tls-cert"), (key, "--tls-key")):
+        if path and not os.path.isfile(path):
+            raise ValueError(f"{what} {path}: no such file")

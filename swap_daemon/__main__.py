@@ -6,7 +6,7 @@ import asyncio
 
 from fastswitch.v1 import swap_pb2, swap_pb2_grpc
 from svc_common.logs import configure_logging, get_logger
-from svc_common.server import ServiceHost
+from svc_common.server import ServiceHost, bind_address
 from svc_common.settings import run_parser
 from swap_daemon.config import SwapDaemonConfig
 
@@ -17,7 +17,9 @@ async def serve(config: SwapDaemonConfig) -> None:
 
     log = get_logger("swap_daemon")
     service = swap_pb2.DESCRIPTOR.services_by_name["SwapDaemon"].full_name
-    host = ServiceHost(f"[::]:{config.port}", [service])
+    host = ServiceHost(
+        bind_address(config.host, config.port), [service], tls_cert=config.tls_cert, tls_key=config.tls_key
+    )
     servicer = SwapDaemonServicer()  # registered before start; the engine arrives in ready()
     swap_pb2_grpc.add_SwapDaemonServicer_to_server(servicer, host.server)
 
@@ -31,7 +33,11 @@ async def serve(config: SwapDaemonConfig) -> None:
         )
 
     try:
-        await host.run(ready=ready)
+        await host.run(
+            ready=ready,
+            busy=lambda: servicer.engine is not None and servicer.engine.attached,
+            drain_timeout_s=config.drain_timeout_s,
+        )
     finally:
         await asyncio.to_thread(servicer.close)
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from svc_common.settings import setting
+from svc_common.settings import (
+    bind_host_setting,
+    drain_timeout_setting,
+    setting,
+    tls_cert_setting,
+    tls_key_setting,
+    validate_tls,
+)
 
 BACKENDS = ("auto", "cpu", "cuda")
 
@@ -18,6 +25,10 @@ class SwapDaemonConfig:
     )  # fmt: skip
     workers: int = setting(2, env="FASTSWITCH_SWAPD_WORKERS", help="memcpy threads (cpu) or copy streams (cuda)")
     backend: str = setting("auto", env="FASTSWITCH_SWAPD_BACKEND", choices=BACKENDS, help="copy engine")
+    host: str = bind_host_setting()
+    tls_cert: str = tls_cert_setting()
+    tls_key: str = tls_key_setting()
+    drain_timeout_s: float = drain_timeout_setting()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -31,3 +42,6 @@ class SwapDaemonConfig:
             raise ValueError(f"workers must be in 1..64, got {self.workers}")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {'|'.join(BACKENDS)}, got {self.backend!r}")
+        validate_tls(self.tls_cert, self.tls_key)
+        if self.drain_timeout_s < 0:
+            raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")

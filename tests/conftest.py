@@ -143,7 +143,7 @@ def start_stack(**overrides: object) -> Iterator[object]:
 
     # Identity with generate() holds in fp32; on a GPU `auto` would pick bf16 (compared by agreement).
     overrides.setdefault("dtype", "float32")
-    config = StackConfig.build(port=free_port_base(), **overrides)
+    config = StackConfig.build(port=free_port_base(int(overrides.get("executors", 1))), **overrides)  # type: ignore[call-overload]
     log_dir = tempfile.mkdtemp(prefix="fastswitch-test-")
     stack = Stack(config, log_dir=log_dir)
     stack.start(timeout_s=300)
@@ -172,3 +172,19 @@ def tiny_pool_stack(model_dir: str) -> Iterator[object]:
 def spill_stack(model_dir: str) -> Iterator[object]:
     """A small device pool with a host pool: idle conversations' KV must move to the host."""
     yield from start_stack(device_blocks=12, host_blocks=64, max_step_tokens=64)
+
+
+def make_certificate(directory: str, name: str = "server") -> tuple[str, str]:
+    """A real self-signed certificate (and key) for localhost and 127.0.0.1, made with openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH: cannot make a test certificate")
+    cert, key = os.path.join(directory, f"{name}.crt"), os.path.join(directory, f"{name}.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", key, "-out", cert],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key

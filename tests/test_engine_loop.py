@@ -10,6 +10,7 @@ from test_scheduler import BLOCK, FakeExecutor, FakeSwapDaemon, expected_output,
 from fastswitch.v1 import swap_pb2
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.executor_link import ExecutorLink
+from scheduler_svc.fleet import Fleet, NodeState
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import RequestState
 from scheduler_svc.swapd_link import SwapDaemonLink
@@ -30,6 +31,9 @@ class _Executor:
         await asyncio.sleep(0)
         return self.result
 
+    def done(self) -> bool:
+        return False
+
 
 class _InstantDaemon:
     """The Swap stream: a copy lands (contents moved, SwapDone applied) before write() returns."""
@@ -48,8 +52,10 @@ def test_a_copy_landing_while_its_order_is_sent_wakes_the_loop() -> None:
     async def scenario() -> None:
         config = SchedulerConfig(max_step_tokens=16, max_running=1, policy="priority", swapd_addr="daemon")
         sched = Scheduler(config, num_blocks=8, block_size=BLOCK, eos_token_ids={0})
-        link = ExecutorLink(config, on_tokens=lambda events, ns: None, on_gone=lambda message: None)
-        link.scheduler = sched
+        fleet = Fleet(config)
+        node = fleet.nodes[0]
+        node.scheduler, node.state = sched, NodeState.UP
+        link = ExecutorLink(config, fleet, node, on_tokens=lambda n, events, ns: None, on_fail=lambda ids, error: None)
         link.swapd = SwapDaemonLink("daemon", sched, on_change=link.wake)
         executor = FakeExecutor()
         copier = FakeSwapDaemon(sched, delay=1000, executor=executor)

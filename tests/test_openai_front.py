@@ -65,6 +65,12 @@ class ScriptedScheduler:
             )
         if "too big" in text:
             raise ResourceExhausted("never fits the KV pool [RESOURCE_EXHAUSTED]", grpc.StatusCode.RESOURCE_EXHAUSTED)
+        if "queue full" in text:
+            full = ResourceExhausted(
+                "the waiting queue is full [RESOURCE_EXHAUSTED]", grpc.StatusCode.RESOURCE_EXHAUSTED
+            )
+            full.retry_after_s = 1.5
+            raise full
         done = False
         try:
             await asyncio.sleep(self.queue_delay_s)
@@ -294,8 +300,12 @@ def test_scheduler_refusals_keep_their_meaning_as_http_statuses(client: openai.O
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt="refuse this", max_tokens=8)
     assert "default is" not in err.value.body["message"]
-    with pytest.raises(openai.RateLimitError):
+    with pytest.raises(openai.RateLimitError) as limited:
         client.completions.create(model=MODEL, prompt="too big", max_tokens=4)
+    assert "retry-after" not in limited.value.response.headers  # no hint: retrying will not help
+    with pytest.raises(openai.RateLimitError) as limited:
+        client.completions.create(model=MODEL, prompt="queue full", max_tokens=4)
+    assert limited.value.response.headers["retry-after"] == "2"  # the scheduler's 1.5 s hint, whole seconds up
     # Streaming too: a refusal before the first token is an HTTP error, not a 200 stream that fails.
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(

@@ -76,14 +76,15 @@ def assert_ownership(sched: Scheduler) -> None:
     in_copy = sched.swaps.orders()
     owned = [b for s in sched.requests.values() for b in s.block_table if s.state.value not in ("swapping_in",)]
     owned += [b for o in in_copy for b in o.device_blocks]
-    owned += [b for k in sched.conversations.kept() for b in k.blocks]
+    owned += [b for k in sched.conversations.kept(sched.swaps) for b in k.blocks]
+    owned += sched.swaps.quarantined
     assert len(owned) == len(set(owned)), "a device block is owned twice"
     assert sched.blocks.num_free + len(owned) == sched.blocks.num_blocks
     host_pool = sched.swaps.host
     if host_pool is not None:
         host = [b for s in sched.requests.values() if s.state.value != "swapping_in" for b in s.host_table]
         host += [b for o in in_copy for b in o.host_blocks]
-        host += [b for k in sched.conversations.kept() for b in k.host_blocks]
+        host += [b for k in sched.conversations.kept(sched.swaps) for b in k.host_blocks]
         assert len(host) == len(set(host)), "a host block is owned twice"
         assert host_pool.num_free + len(host) == host_pool.num_blocks
     for s in sched.requests.values():
@@ -391,12 +392,54 @@ def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> N
         if plan is not None:
             sched2.on_step_output(ex2.run(plan))
     assert sched2.swaps.num_in_flight, "copies should be in flight when the daemon dies"
+    under_copy = {b for o in sched2.swaps.orders() for b in o.device_blocks}
     sched2.on_swap_daemon_lost()
     daemon2.pending.clear()
     assert sched2.swaps.host is None
     run_to_completion(sched2, ex2)
     assert all(len(s.output_ids) == 10 for s in seqs2)
-    assert sched2.blocks.num_free == 7
+    # The blocks under those copies stay quarantined (the daemon may still write them) until it attaches again.
+    assert set(sched2.swaps.quarantined) == under_copy
+    assert sched2.blocks.num_free == 7 - len(under_copy)
+    sched2.attach_host_pool(32)
+    assert sched2.blocks.num_free == 7 and not sched2.swaps.quarantined
+
+
+def test_a_swap_in_under_a_broken_stream_never_has_its_blocks_handed_out_before_the_daemon_reattaches() -> None:
+    """The race: the daemon's stream breaks while it is still copying KV *into* device blocks; if the
+    scheduler gave those blocks to another request, the late copy would overwrite that request's KV."""
+    sched = make_conversing(num_blocks=8, host_blocks=32, max_running=1, policy="priority", preemption="swap")
+    ex = FakeExecutor()
+    daemon = FakeSwapDaemon(sched, delay=1000, executor=ex)
+    low = seq("low", prompt_len=6, max_tokens=20)
+    sched.add(low)
+    for _ in range(3):
+        step(sched, ex, daemon)
+    high = seq("high", prompt_len=3, max_tokens=2, priority=5)
+    sched.add(high)
+    while not high.finished:
+        step(sched, ex, daemon)
+    daemon.drain()  # low's copy out lands; now swap it back in, and keep that copy in flight
+    step(sched, ex, daemon)
+    swap_in = [o for o in sched.swaps.orders() if o.direction is Direction.IN]
+    assert swap_in, "low's KV should be on its way back"
+    late_writes = set(swap_in[0].device_blocks)
+    sched.on_swap_daemon_lost()
+    others = [seq(f"o{i}", prompt_len=8, max_tokens=3) for i in range(3)]
+    for s in others:
+        sched.add(s)
+    for _ in range(40):  # while the daemon is away (low cannot fit beside the quarantine: it recomputes)
+        plan = sched.schedule()
+        taken = {b for s in sched.requests.values() for b in s.block_table}
+        assert not taken & late_writes, "a block the daemon may still write was handed out"
+        if plan is None:
+            break
+        sched.on_step_output(ex.run(plan))
+    assert len(sched.swaps.quarantined) == len(late_writes)
+    sched.attach_host_pool(32)  # the daemon re-attaches: its old stream's copies have ended
+    assert not sched.swaps.quarantined
+    run_to_completion(sched, ex)
+    assert all(s.finished for s in [low, *others]) and low.output_ids == expected_output(low.prompt_ids, 20)
 
 
 def test_vllm_like_mode_orders_per_layer_copies() -> None:
@@ -556,8 +599,9 @@ def expected_output(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 def make_conversing(num_blocks: int, host_blocks: int, **config: object) -> Scheduler:
+    config.setdefault("max_running", 4)
     sched = Scheduler(
-        SchedulerConfig(max_step_tokens=16, max_running=4, **config),  # type: ignore[arg-type]
+        SchedulerConfig(max_step_tokens=16, **config),  # type: ignore[arg-type]
         num_blocks=num_blocks,
         block_size=BLOCK,
         eos_token_ids={EOS},

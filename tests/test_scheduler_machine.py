@@ -334,6 +334,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         for conv in range(CONVERSATIONS):
             self.sched.conversations.end(("t", str(conv)))
         self.drain()  # spills of ended conversations land
+        if self.sched.swaps.host is None and self.host_blocks > 0:
+            self.daemon_back()  # a re-attached daemon ends the quarantine of its broken stream's copies
+        assert not self.sched.swaps.quarantined
         assert_ownership(self.sched)
         assert self.sched.blocks.num_free == self.num_blocks
         host = self.sched.swaps.host

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -65,8 +66,7 @@ def test_up_reads_the_services_environment_and_passes_it_on_as_flags(monkeypatch
     config = StackConfig.from_args(parser.parse_args(["--port", "6000", "--device-blocks", "9", "--host-blocks", "5"]))
     commands = Stack(config).commands()
     assert commands["scheduler"][commands["scheduler"].index("--policy") + 1] == "vtc"
-    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:6001"
-    assert commands["scheduler"][commands["scheduler"].index("--swapd") + 1] == "127.0.0.1:6002"
+    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:6001,127.0.0.1:6002"
     assert commands["executor"][commands["executor"].index("--device-blocks") + 1] == "9"
     assert commands["swapd"][commands["swapd"].index("--host-blocks") + 1] == "5"
 
@@ -75,7 +75,30 @@ def test_no_host_blocks_or_recompute_starts_no_swap_daemon() -> None:
     assert "swapd" not in Stack(StackConfig.build(host_blocks=0)).commands()
     commands = Stack(StackConfig.build(preemption="recompute")).commands()
     assert "swapd" not in commands
-    assert commands["scheduler"][commands["scheduler"].index("--swapd") + 1] == ""
+    assert commands["scheduler"][commands["scheduler"].index("--executor") + 1] == "127.0.0.1:50052"
+
+
+def test_up_with_three_executors_starts_three_nodes_on_the_documented_ports() -> None:
+    commands = Stack(StackConfig.build(port=7000, executors=3)).commands()
+    assert set(commands) == {"executor", "swapd", "executor-1", "swapd-1", "executor-2", "swapd-2", "scheduler"}
+    for name, port in [("executor", 7001), ("swapd", 7002), ("executor-1", 7003), ("swapd-1", 7004)]:
+        assert commands[name][commands[name].index("--port") + 1] == str(port)
+    scheduler = commands["scheduler"]
+    nodes = [scheduler[i + 1] for i, flag in enumerate(scheduler) if flag == "--executor"]
+    assert nodes == ["127.0.0.1:7001,127.0.0.1:7002", "127.0.0.1:7003,127.0.0.1:7004", "127.0.0.1:7005,127.0.0.1:7006"]
+
+
+def test_the_scheduler_takes_one_executor_flag_per_node_and_the_environment_separates_them() -> None:
+    args = ["--executor", "a:1,b:2", "--executor", "c:3"]
+    config = _parse(SchedulerConfig, args, {"FASTSWITCH_EXECUTOR_ADDR": "x:9"})
+    assert [str(n) for n in config.nodes] == ["a:1,b:2", "c:3"], "the flags replace the default, not add to it"
+    from_env = _parse(SchedulerConfig, [], {"FASTSWITCH_EXECUTOR_ADDR": "a:1,b:2; c:3"})
+    assert [(n.executor, n.swapd) for n in from_env.nodes] == [("a:1", "b:2"), ("c:3", "")]
+    single = _parse(SchedulerConfig, ["--executor", "e:1", "--swapd", "s:2"], {})
+    assert [str(n) for n in single.nodes] == ["e:1,s:2"]
+    for bad in (["--executor", "nohost"], ["--executor", "a:1", "--executor", "a:1"]):
+        with pytest.raises(ValueError):
+            _parse(SchedulerConfig, bad, {})
 
 
 def test_build_rejects_unknown_settings() -> None:
@@ -84,11 +107,18 @@ def test_build_rejects_unknown_settings() -> None:
 
 
 def test_every_service_variable_is_distinct_where_it_means_something_else() -> None:
-    # The services share FASTSWITCH_MODEL (the same model) and nothing else.
+    # The services share FASTSWITCH_MODEL (the same model), and the bind address, TLS files and drain
+    # timeout that mean the same for every service; nothing else.
+    every = {"FASTSWITCH_HOST", "FASTSWITCH_TLS_CERT", "FASTSWITCH_TLS_KEY", "FASTSWITCH_DRAIN_TIMEOUT_S"}
     sched, execu, swapd = env_names(SchedulerConfig), env_names(ExecutorConfig), env_names(SwapDaemonConfig)
-    assert sched & execu == {"FASTSWITCH_MODEL"}
-    assert not sched & swapd and not execu & swapd
-    assert not env_names(HttpConfig) & (sched | execu | swapd)
+    assert sched & execu == {"FASTSWITCH_MODEL"} | every
+    assert sched & swapd == every and execu & swapd == every
+    # The HTTP front shares the scheduler's key file and every service's TLS files.
+    assert env_names(HttpConfig) & (sched | execu | swapd) == {
+        "FASTSWITCH_API_KEYS",
+        "FASTSWITCH_TLS_CERT",
+        "FASTSWITCH_TLS_KEY",
+    }
 
 
 @pytest.mark.parametrize("service", ["scheduler_svc", "executor_svc", "swap_daemon", "openai_svc"])
@@ -109,6 +139,23 @@ def test_up_starts_the_http_front_only_with_an_http_port_and_points_it_at_the_sc
     assert http[http.index("--scheduler") + 1] == "127.0.0.1:6000"
     assert http[http.index("--default-max-tokens") + 1] == "64"
     assert stack.http_url == "http://127.0.0.1:8080"
+
+
+def test_up_gives_the_http_front_the_key_file_and_tls_and_the_ca_to_reach_the_scheduler(tmp_path: Path) -> None:
+    keys, cert, key = tmp_path / "keys.txt", tmp_path / "c.pem", tmp_path / "k.pem"
+    for f in (keys, cert, key):
+        f.write_text("k1 team-a\n")
+    parser = argparse.ArgumentParser()
+    StackConfig.add_arguments(parser)
+    argv = ["--port", "6000", "--http-port", "8080", "--api-keys", str(keys)]
+    args = parser.parse_args([*argv, "--tls-cert", str(cert), "--tls-key", str(key)])
+    stack = Stack(StackConfig.from_args(args))
+    http, scheduler = stack.commands()["http"], stack.commands()["scheduler"]
+    for cmd in (http, scheduler):
+        assert cmd[cmd.index("--api-keys") + 1] == str(keys)
+        assert cmd[cmd.index("--tls-cert") + 1] == str(cert)
+    assert http[http.index("--scheduler-tls-ca") + 1] == str(cert)  # self-signed: the certificate is the CA
+    assert stack.http_url == "https://127.0.0.1:8080"
 
 
 def test_the_http_port_comes_from_the_environment_on_up_and_on_the_front(monkeypatch: pytest.MonkeyPatch) -> None:
