@@ -16,7 +16,7 @@ from scheduler_svc.engine import Engine, GenerateInput
 from scheduler_svc.grammar import OutputConstraint
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common import auth
-from svc_common.errors import PermissionDeniedError, Unavailable
+from svc_common.errors import PermissionDeniedError, ShuttingDown, Unavailable
 from svc_common.model_source import model_name
 from svc_common.plan import Sampling
 from svc_common.server import ServiceHost
@@ -39,7 +39,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
 
     async def _submit(self, request: api_pb2.GenerateRequest, tenant: str) -> Sequence:
         if self.host is not None and self.host.draining:
-            raise Unavailable("the server is shutting down and takes no new requests; retry on another replica")
+            raise ShuttingDown("the server is shutting down and takes no new requests; retry on another replica")
         principal = auth.current_principal.get()
         auth.check_priority(principal, request.priority)
         auth.check_live_requests(principal, self.engine.live_count(tenant))

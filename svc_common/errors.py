@@ -57,6 +57,14 @@ class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ShuttingDown(Unavailable):
+    """UNAVAILABLE that clients must not retry here: this process is draining and will be gone. Sent with
+    gRPC's `grpc-retry-pushback-ms: -1`, which stops a client's retry policy (a retry that waits for
+    ready would otherwise wait for a server that has exited, up to the call's whole deadline)."""
+
+    retry_here = False
+
+
 def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServingError):
         return exc.code, str(exc)
@@ -86,7 +94,11 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
                 REFUSED[code.name.lower()] += 1
                 log.info("rpc_rejected", method=method, code=code.name, reason=message)
             retry_after = getattr(exc, "retry_after_s", None)
-            trailers = (("retry-after", f"{retry_after:g}"),) if retry_after is not None else ()
+            trailers: tuple[tuple[str, str], ...] = ()
+            if retry_after is not None:
+                trailers += (("retry-after", f"{retry_after:g}"),)
+            if not getattr(exc, "retry_here", True):
+                trailers += (("grpc-retry-pushback-ms", "-1"),)
             await context.abort(code, message, trailing_metadata=trailers)
 
         if handler.unary_unary:
