@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
 
 from svc_common.stack import free_port_base
@@ -188,3 +191,29 @@ def make_certificate(directory: str, name: str = "server") -> tuple[str, str]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+@contextlib.contextmanager
+def serve_in_thread(add_servicer: Callable[[grpc.aio.Server], None], **server_kwargs: object) -> Iterator[str]:
+    """A grpc.aio server on its own thread and event loop, so that blocking test code can call it; yields
+    its address. `add_servicer(server)` registers the servicers (e.g. a fake executor)."""
+    port, ready, stop = free_port(), threading.Event(), asyncio.Event()
+    loop = asyncio.new_event_loop()
+
+    async def serve() -> None:
+        server = grpc.aio.server(**server_kwargs)  # type: ignore[arg-type]
+        add_servicer(server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        ready.set()
+        await stop.wait()
+        await server.stop(0)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(10), "the test server did not start"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)

@@ -13,12 +13,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from conftest import serve_in_thread
 
 from fastswitch import AsyncClient, Client, FastSwitchError, ServerError, ServiceUnavailable
 from fastswitch.v1 import executor_pb2, executor_pb2_grpc
@@ -63,26 +63,9 @@ class _FailingExecutor(executor_pb2_grpc.ExecutorServicer):
 
 @pytest.fixture()
 def failing_executor() -> Iterator[tuple[str, _FailingExecutor]]:
-    port = free_port_base()
     servicer = _FailingExecutor()
-    ready, loop = threading.Event(), asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await stop.wait()
-        await server.stop(0)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"127.0.0.1:{port}", servicer
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    with serve_in_thread(lambda server: executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, server)) as addr:
+        yield addr, servicer
 
 
 @contextlib.contextmanager

@@ -10,12 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
+from conftest import serve_in_thread
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fastswitch import AsyncClient, Client, IncompleteStream, ServiceUnavailable
@@ -37,27 +37,11 @@ class _CuttingServicer(api_pb2_grpc.FastSwitchServicer):
 
 @pytest.fixture(scope="module")
 def cutting_server() -> Iterator[str]:
-    """A server on its own thread and event loop (the test talks to it from blocking code)."""
-    port = free_port_base()
-    ready = threading.Event()
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        server = grpc.aio.server()
-        api_pb2_grpc.add_FastSwitchServicer_to_server(_CuttingServicer(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await stop.wait()
-        await server.stop(0)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"127.0.0.1:{port}"
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    """A server that cuts its streams, on its own thread (the test talks to it from blocking code)."""
+    with serve_in_thread(
+        lambda server: api_pb2_grpc.add_FastSwitchServicer_to_server(_CuttingServicer(), server)
+    ) as addr:
+        yield addr
 
 
 def test_the_sdk_raises_when_a_stream_ends_without_a_finish_reason(cutting_server) -> None:

@@ -4,14 +4,12 @@ call's whole deadline (the SIGTERM drain test hung so when the drain ended betwe
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
 import grpc
 import pytest
-from conftest import free_port
+from conftest import serve_in_thread
 
 from fastswitch.client import CHANNEL_OPTIONS, ServiceUnavailable, _typed
 from fastswitch.v1 import api_pb2, api_pb2_grpc
@@ -30,25 +28,12 @@ class _Refusing(api_pb2_grpc.FastSwitchServicer):
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, _Refusing]]:
-    servicer, port = _Refusing(), free_port()
-    loop = asyncio.new_event_loop()
-    ready, stop = threading.Event(), asyncio.Event()
-
-    async def serve() -> None:
-        srv = grpc.aio.server(interceptors=[ErrorMappingInterceptor()])
-        api_pb2_grpc.add_FastSwitchServicer_to_server(servicer, srv)
-        srv.add_insecure_port(f"127.0.0.1:{port}")
-        await srv.start()
-        ready.set()
-        await stop.wait()
-        await srv.stop(0)
-
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"127.0.0.1:{port}", servicer
-    loop.call_soon_threadsafe(stop.set)
-    thread.join(10)
+    servicer = _Refusing()
+    with serve_in_thread(
+        lambda server: api_pb2_grpc.add_FastSwitchServicer_to_server(servicer, server),
+        interceptors=[ErrorMappingInterceptor()],
+    ) as addr:
+        yield addr, servicer
 
 
 def _calls_for_one_request(server: tuple[str, _Refusing], error: type[Unavailable]) -> tuple[int, float]:
