@@ -421,6 +421,23 @@ class _Connection:
 
     _connected: bool = False
 
+    def _open(
+        self, grpc_api: Any, addr: str, timeout: float, api_key: str | None, tls_ca: str | None, connect_timeout: float
+    ) -> None:
+        """Open the channel with `grpc_api` (`grpc` or `grpc.aio`), TLS when a CA is given."""
+        self.addr = addr
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._metadata = _metadata(api_key)
+        creds = _credentials(tls_ca)
+        if creds is None:
+            self._channel = grpc_api.insecure_channel(addr, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc_api.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
+        self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
+        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
+        self._connected = False
+
     def _error(self, err: grpc.RpcError) -> FastSwitchError:
         typed = _typed(err)
         if isinstance(typed, ServiceUnavailable):
@@ -440,18 +457,7 @@ class Client(_Connection):
         tls_ca: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        self.addr = addr
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._metadata = _metadata(api_key)
-        creds = _credentials(tls_ca)
-        if creds is None:
-            self._channel = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
-        self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
-        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
-        self._connected = False
+        self._open(grpc, addr, timeout, api_key, tls_ca, connect_timeout)
 
     def _connect(self) -> None:
         """Wait (up to connect_timeout) until the server answers, once per connection."""
@@ -553,18 +559,7 @@ class AsyncClient(_Connection):
         tls_ca: str | None = None,
         connect_timeout: float = CONNECT_TIMEOUT_S,
     ) -> None:
-        self.addr = addr
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self._metadata = _metadata(api_key)
-        creds = _credentials(tls_ca)
-        if creds is None:
-            self._channel = grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
-        else:
-            self._channel = grpc.aio.secure_channel(addr, creds, options=CHANNEL_OPTIONS)
-        self._stub = api_pb2_grpc.FastSwitchStub(self._channel)
-        self._health = self._channel.unary_unary(_HEALTH_CHECK, _identity, _identity)
-        self._connected = False
+        self._open(grpc.aio, addr, timeout, api_key, tls_ca, connect_timeout)
 
     async def _connect(self) -> None:
         """Wait (up to connect_timeout) until the server answers, once per connection."""
