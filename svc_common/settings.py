@@ -80,13 +80,13 @@ def _scalar(type_name: str) -> Callable[[str], Any]:
     return {"int": int, "float": float, "str": str}[type_name]
 
 
-def _bool(text: str, name: str) -> bool:
+def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in _TRUE:
         return True
     if value in _FALSE:
         return False
-    raise ValueError(f"{name}={text!r}: expected one of 1/0, true/false, yes/no, on/off")
+    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
 
 
 def _type_name(f: dataclasses.Field[Any]) -> str:
@@ -94,24 +94,33 @@ def _type_name(f: dataclasses.Field[Any]) -> str:
     return t.split("[")[0].split("|")[0].strip()
 
 
+def _read(f: dataclasses.Field[Any], s: Setting, text: str) -> Any:
+    """The field's value from its text form (a flag's or an environment variable's)."""
+    kind = _type_name(f)
+    if kind == "bool":
+        return _bool(text)
+    if s.item is not None:
+        return dict(s.item(part) for part in text.split(",") if part.strip())
+    if s.many:
+        return text.replace(";", " ").split()
+    try:
+        return _scalar(kind)(text)
+    except ValueError:
+        raise ValueError(f"expected {'an' if kind == 'int' else 'a'} {kind}") from None
+
+
 def parse_value(config_type: type, name: str, text: str) -> Any:
     """A setting's value read from text, by its field's type and choices: `parse_value(ExecutorConfig,
     "cuda_graphs", "on")` is True. Raises KeyError for a name the config lacks, ValueError for bad text."""
     for f, s in _settings(config_type):
-        if f.name != name:
-            continue
-        kind = _type_name(f)
-        if kind == "bool":
-            return _bool(text, name)
-        if s.item is not None:
-            return dict(s.item(part) for part in text.split(",") if part.strip())
-        try:
-            value = _scalar(kind)(text)
-        except ValueError:
-            raise ValueError(f"{name}={text!r}: expected {'an' if kind == 'int' else 'a'} {kind}") from None
-        if s.choices and value not in s.choices:
-            raise ValueError(f"{name}={text!r}: expected one of {', '.join(s.choices)}")
-        return value
+        if f.name == name:
+            try:
+                value = _read(f, s, text)
+            except ValueError as err:
+                raise ValueError(f"{name}={text!r}: {err}") from None
+            if s.choices and value not in s.choices:
+                raise ValueError(f"{name}={text!r}: expected one of {', '.join(s.choices)}")
+            return value
     raise KeyError(name)
 
 
@@ -121,16 +130,9 @@ def _from_env(f: dataclasses.Field[Any], s: Setting, environ: dict[str, str]) ->
     if s.env is None or s.env not in environ:
         return default
     text = environ[s.env]
-    kind = _type_name(f)
     try:
-        if kind == "bool":
-            flag_on = _bool(text, s.env)
-            return not flag_on if s.negate else flag_on
-        if s.item is not None:
-            return dict(s.item(part) for part in text.split(",") if part.strip())
-        if s.many:
-            return text.replace(";", " ").split()
-        return _scalar(kind)(text)
+        value = _read(f, s, text)
+        return not value if s.negate and _type_name(f) == "bool" else value
     except ValueError as err:
         raise ValueError(f"environment variable {s.env}={text!r} is not valid: {err}") from None
 
