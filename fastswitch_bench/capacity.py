@@ -53,6 +53,8 @@ class FakeNode:
         self.own_s += time.perf_counter() - start
 
     async def read(self) -> executor_pb2.StepResult:
+        if self.steps_left == 0:
+            await asyncio.Event().wait()  # done: the loop parks here until it is cancelled
         await asyncio.sleep(0)  # a real stream yields to the event loop here: the other nodes run
         self.steps_left -= 1
         if self.steps_left == 0:
@@ -75,6 +77,7 @@ class Result:
     scheduler_s: float
     per_node_step_ms: float
     node_steps_per_s: float
+    tokens: int  # generated in the timed steps
     tokens_per_s: float
     submit_us: float  # placing one new request (mean over filling the fleet)
 
@@ -99,18 +102,20 @@ async def _drive(
     for node in fleet.nodes:
         fleet.attach(node, blocks, BLOCK_SIZE)
         fleet.node_up(node)
-        links.append(ExecutorLink(config, fleet, node, on_tokens=_drop, on_gone=_gone))
+        links.append(ExecutorLink(config, fleet, node, on_tokens=_drop, on_fail=_fail))
     start = time.perf_counter()
-    _fill(fleet, nodes, running, prompt_len, max_tokens=warmup + steps + 1000)
+    _fill(fleet, nodes, running, prompt_len, max_tokens=warmup + steps + 16)
     submit_s = time.perf_counter() - start
     # Warm-up: the prompts are computed and every node decodes a full batch; not timed.
     await _run(links, warmup)
     assert all(len(n.scheduler.running) == running for n in fleet.nodes if n.scheduler), "a node is not full"
     if profiler is not None:
         profiler.enable()
+    before = sum(n.scheduler.generated_tokens for n in fleet.nodes if n.scheduler)
     start = time.perf_counter()
     fakes = await _run(links, steps)
     wall = time.perf_counter() - start
+    tokens = sum(n.scheduler.generated_tokens for n in fleet.nodes if n.scheduler) - before
     if profiler is not None:
         profiler.disable()
     own = sum(f.own_s for f in fakes)
@@ -128,7 +133,8 @@ async def _drive(
         scheduler_s=round(sched_s, 4),
         per_node_step_ms=round(1000 * sched_s / node_steps, 4),
         node_steps_per_s=round(node_steps / sched_s, 1),
-        tokens_per_s=round(node_steps * running / sched_s, 1),
+        tokens=tokens,
+        tokens_per_s=round(tokens / sched_s, 1),
         submit_us=round(1e6 * submit_s / (nodes * running), 1),
     )
 
@@ -138,8 +144,9 @@ async def _run(links: list[ExecutorLink], steps: int) -> list[FakeNode]:
     tasks = [asyncio.create_task(link.drive(fake)) for link, fake in zip(links, fakes, strict=True)]
     await asyncio.gather(*(f.finished.wait() for f in fakes))
     for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+        while not task.done():  # again until it ends: 3.11's wait_for can swallow a cancellation
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
     return fakes
 
 
@@ -147,8 +154,8 @@ def _drop(node: Node, events: list[Any], produced_ns: int) -> None:
     pass
 
 
-def _gone(node: Node, message: str) -> None:
-    raise AssertionError(f"fake node {node.index} lost: {message}")
+def _fail(request_ids: list[str], error: Exception) -> None:
+    raise AssertionError(f"{len(request_ids)} requests failed on a fake node: {error}")
 
 
 def run(nodes: int, running: int, warmup: int, steps: int, prompt_len: int, profile: bool = False) -> Result:
