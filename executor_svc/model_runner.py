@@ -48,6 +48,7 @@ DECODE_BLOCK_N = 64  # context tokens per tile of the Triton decode kernel
 class _RequestState:
     sampling: Sampling
     block_table: list[int]
+    slot: int = 0  # its name in the plans' DecodeBatch
 
 
 class ModelRunner:
@@ -85,6 +86,7 @@ class ModelRunner:
         self.attention = config.attention
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.is_cuda else 1
         self.requests: dict[str, _RequestState] = {}
+        self.slots: dict[int, _RequestState] = {}  # the same requests, by slot
         bytes_per_block = block_bytes(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
         num_blocks = config.device_blocks
         if num_blocks == 0:
@@ -131,17 +133,31 @@ class ModelRunner:
 
     # -- one step ---------------------------------------------------------------------------------
 
+    def forget_all(self) -> None:
+        """A new scheduler stream: it knows no request yet."""
+        self.requests.clear()
+        self.slots.clear()
+
     def step(self, plan: StepPlan) -> StepOutput:
         for rid in plan.released_request_ids:
-            self.requests.pop(rid, None)
+            gone = self.requests.pop(rid, None)
+            if gone is not None and self.slots.get(gone.slot) is gone:
+                del self.slots[gone.slot]
         for new in plan.new_requests:
-            self.requests[new.request_id] = _RequestState(new.sampling, [])
+            self.requests[new.request_id] = self.slots[new.slot] = _RequestState(new.sampling, [], new.slot)
         for chunk in plan.chunks:
             state = self.requests.get(chunk.request_id)
             if state is None:
                 raise ValueError(f"plan step {plan.step_id} names unknown request {chunk.request_id}")
             state.block_table.extend(chunk.new_block_ids)
-        if not plan.chunks:
+        decodes = plan.decodes
+        try:
+            for slot, block in zip(decodes.block_slots, decodes.block_ids, strict=True):
+                self.slots[slot].block_table.append(block)
+            decoding = [self.slots[slot] for slot in decodes.slots]
+        except KeyError as err:
+            raise ValueError(f"plan step {plan.step_id} names unknown slot {err.args[0]}") from None
+        if not plan.chunks and not decoding:
             return StepOutput(plan.step_id, [])
 
         bs = self.block_size
@@ -153,10 +169,20 @@ class ModelRunner:
                     f"plan step {plan.step_id}: request {c.request_id} needs {need} blocks for "
                     f"{c.start_position + len(c.token_ids)} tokens, its block table has {have}"
                 )
+        for state, position in zip(decoding, decodes.positions, strict=True):
+            if position >= len(state.block_table) * bs:
+                raise ValueError(
+                    f"plan step {plan.step_id}: the decode in slot {state.slot} at position {position} has "
+                    f"{len(state.block_table)} blocks"
+                )
         t0 = time.perf_counter_ns()
         specs = [
             ChunkSpec(c.token_ids, c.start_position, self.requests[c.request_id].block_table, c.sample)
             for c in plan.chunks
+        ]
+        specs += [
+            ChunkSpec([token], position, state.block_table, True)
+            for state, token, position in zip(decoding, decodes.token_ids, decodes.positions, strict=True)
         ]
         logits = self.forward(specs)
         t1 = time.perf_counter_ns()
@@ -164,19 +190,20 @@ class ModelRunner:
         tokens = (
             sample(
                 logits.float(),
-                [self.requests[c.request_id].sampling for c in sampled],
-                [c.start_position + len(c.token_ids) for c in sampled],
-                [c.token_bitmask for c in sampled],
+                [self.requests[c.request_id].sampling for c in sampled] + [state.sampling for state in decoding],
+                [c.start_position + len(c.token_ids) for c in sampled] + [p + 1 for p in decodes.positions],
+                [c.token_bitmask for c in sampled] + [b""] * len(decoding),
             )
-            if sampled
+            if sampled or decoding
             else []
         )
         t2 = time.perf_counter_ns()
         return StepOutput(
             plan.step_id,
-            [(c.request_id, tok) for c, tok in zip(sampled, tokens, strict=True)],
+            [(c.request_id, tok) for c, tok in zip(sampled, tokens[: len(sampled)], strict=True)],
             forward_ns=t1 - t0,
             sample_ns=t2 - t1,
+            decode_tokens=tokens[len(sampled) :],
         )
 
     def forward(self, chunks: list[ChunkSpec]) -> torch.Tensor:

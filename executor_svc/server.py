@@ -65,14 +65,14 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         async with self._stream_lock:
             log.info("scheduler_attached", peer=context.peer())
             # A new scheduler stream starts from a clean slate: it owns every block table.
-            await asyncio.to_thread(self._locked, runner.requests.clear)
+            await asyncio.to_thread(self._locked, runner.forget_all)
             try:
                 async for msg in request_iterator:
                     plan = StepPlan.from_proto(msg)
                     result = await asyncio.to_thread(self._locked, runner.step, plan)
                     yield result.to_proto()
             finally:
-                runner.requests.clear()
+                runner.forget_all()
                 log.info("scheduler_detached")
 
     def _locked(self, fn: Any, *args: Any) -> Any:

@@ -35,7 +35,7 @@ TOKEN = 7  # what every fake node "samples" (never EOS)
 
 
 class FakeNode:
-    """An Execute stream answered at once: one token for every chunk that samples."""
+    """An Execute stream answered at once: one token for every chunk that samples and every decode."""
 
     def __init__(self, steps: int) -> None:
         self.steps_left = steps
@@ -45,7 +45,7 @@ class FakeNode:
 
     async def write(self, plan: executor_pb2.StepPlan) -> None:
         start = time.perf_counter()
-        result = executor_pb2.StepResult(step_id=plan.step_id)
+        result = executor_pb2.StepResult(step_id=plan.step_id, decode_token_ids=[TOKEN] * len(plan.decodes.slots))
         for chunk in plan.chunks:
             if chunk.sample:
                 result.tokens.add(request_id=chunk.request_id, token_id=TOKEN)

@@ -37,6 +37,7 @@ from fastswitch.v1 import executor_pb2, executor_pb2_grpc
 from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.fleet import Fleet, Node
 from scheduler_svc.scheduler import Scheduler, TokenEvent
+from scheduler_svc.sequence import Sequence
 from scheduler_svc.swap_manager import SwapOrder
 from scheduler_svc.swapd_link import DESCRIBE_DEADLINE_S, SwapDaemonLink
 from svc_common.errors import ServingError, Unavailable
@@ -84,7 +85,7 @@ class ExecutorLink:
         self._on_fail = on_fail
         self._on_plan = on_plan or (lambda plan: None)
         self._on_attached = on_attached
-        self._step_ids: list[str] = []  # the requests in the step in flight
+        self._step: tuple[StepPlan | None, list[Sequence]] = (None, [])  # the step in flight, its decodes' requests
         self._last_failure: tuple[str, frozenset[str]] | None = None  # a failed step's error and requests
         self._faults_in_a_row = 0
         self._lost_since: float | None = None  # when steps stopped succeeding
@@ -167,7 +168,8 @@ class ExecutorLink:
     def _fail_repeated_step(self, details: str) -> None:
         """Once: the step is replayed, it may pass. The same failure on the same requests twice in a row:
         those requests fail with INTERNAL, the others carry on."""
-        in_step = frozenset(self._step_ids)
+        plan, decoding = self._step
+        in_step = frozenset([c.request_id for c in plan.chunks] if plan else []) | {s.request_id for s in decoding}
         last = self._last_failure
         again = last is not None and last[0] == details and bool(in_step & last[1])
         log.warning("step_failed", node=self.node.index, details=details, requests=len(in_step), again=again)
@@ -280,7 +282,7 @@ class ExecutorLink:
                     sched.stats.count("swap_stall_s", time.perf_counter() - start)
                 continue
             self._on_plan(plan)
-            self._step_ids = [c.request_id for c in plan.chunks]
+            self._step = (plan, sched.in_flight_decodes)
             await call.write(plan.to_proto())
             try:
                 result = await asyncio.wait_for(call.read(), self.config.step_timeout_s)

@@ -192,16 +192,9 @@ class Fleet:
         sched = node.scheduler
         assert sched is not None
         places = self.config.max_running - len(sched.running) - len(sched.waiting)
-        if places <= 0:  # a full node: the shortest queue (summing a long queue per placement was O(n^2))
+        if places <= 0:  # a full node: the shortest queue
             return False, -len(sched.waiting), -node.index
-        return True, sched.blocks.num_free - self._queued_blocks(node), -node.index
-
-    @staticmethod
-    def _queued_blocks(node: Node) -> int:
-        """Device blocks the node's queued requests still need to run."""
-        sched = node.scheduler
-        assert sched is not None
-        return sum(max(0, sched.blocks.blocks_for(len(s.tokens)) - len(s.block_table)) for s in sched.waiting)
+        return True, sched.blocks.num_free - sched.queued_blocks, -node.index  # (a running total: O(1) a node)
 
     def add(self, seq: Sequence, messages: list[Message] | None = None) -> Node:
         """Queue a new request on the node `place` picks; raises Unavailable-like errors via the caller
@@ -282,7 +275,7 @@ class Fleet:
             assert sched is not None
             if len(sched.running) + len(sched.waiting) >= self.config.max_running:
                 continue  # no free batch place (the queue is short here: this sum is cheap)
-            needed = sched.blocks.blocks_for(len(seq.tokens) + 1) + self._queued_blocks(node)
+            needed = sched.blocks.blocks_for(len(seq.tokens) + 1) + sched.queued_blocks
             if sched.blocks.num_free >= needed:
                 idle.append(node)
         if idle:

@@ -29,8 +29,9 @@ class Policy(Protocol):
         """A new request arrived (`live`: the requests already queued or running)."""
         ...
 
-    def on_served(self, seq: Sequence, prompt_tokens: int, generated_tokens: int) -> None:
-        """The executor computed `prompt_tokens` prompt tokens and produced `generated_tokens` for seq."""
+    def on_served(self, tenant: str, prompt_tokens: int, generated_tokens: int) -> None:
+        """A step computed `prompt_tokens` prompt tokens and produced `generated_tokens` for the tenant's
+        requests (the scheduler sums each tenant's service over a step and calls this once)."""
         ...
 
 
@@ -45,7 +46,7 @@ class FCFS:
     def on_arrival(self, seq: Sequence, live: Iterable[Sequence]) -> None:
         pass
 
-    def on_served(self, seq: Sequence, prompt_tokens: int, generated_tokens: int) -> None:
+    def on_served(self, tenant: str, prompt_tokens: int, generated_tokens: int) -> None:
         pass
 
 

@@ -11,14 +11,23 @@ Read `schedule()` top to bottom. It walks the live requests in policy order and 
 request gets the tokens it needs this step and the blocks to hold them, and lower-ranked requests
 are preempted when room runs out. Then it plans the step. `on_step_output()` applies the executor's
 sampled tokens; `on_swap_done()` applies a swap daemon's completion.
+
+The steady state has a fast path, because it is most steps of a busy node: every live request of the
+node runs and decodes, and nothing waits. Then the ranking decides nothing (everyone runs; there is
+nobody to admit and, with the blocks there, nobody to preempt), so `schedule()` skips the walk and plans
+one decode for every running request (`_plan_decodes`); the plan is the one the walk would make (a test
+compares them). Plain decodes travel packed (`DecodeBatch`), and `on_step_output()` applies them in one
+tight loop and counts service once per tenant.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 import structlog
@@ -30,7 +39,7 @@ from scheduler_svc.policy import Policy, PriorityUpdates, make_policy
 from scheduler_svc.sequence import Finish, Phase, RequestState, Sequence, now
 from scheduler_svc.stats import Stats
 from scheduler_svc.swap_manager import SwapManager, SwapOrder
-from svc_common.plan import NewRequest, ScheduledChunk, StepOutput, StepPlan
+from svc_common.plan import DecodeBatch, NewRequest, ScheduledChunk, StepOutput, StepPlan
 
 if TYPE_CHECKING:
     from scheduler_svc.swap_manager import Owner
@@ -47,6 +56,9 @@ class TokenEvent:
 
 
 _QUEUED = (RequestState.WAITING, RequestState.SWAPPED)
+_RUNNING = RequestState.RUNNING
+_slot_of = attrgetter("slot")
+_tenant_of = attrgetter("tenant")
 
 
 class Room(enum.Enum):
@@ -64,6 +76,8 @@ class _Step:
     budget: int  # tokens still free in this step
     chunks: list[ScheduledChunk] = field(default_factory=list)
     new_requests: list[NewRequest] = field(default_factory=list)
+    decodes: DecodeBatch = field(default_factory=DecodeBatch)  # plain decodes of requests the executor knows
+    decoding: list[Sequence] = field(default_factory=list)  # their requests, in the batch's order
     # Set once a request waits for blocks that copies in flight will free: nobody ranked below may take blocks.
     blocked: bool = False
 
@@ -97,11 +111,21 @@ class Scheduler:
         self.running: list[Sequence] = []  # the live requests in state RUNNING
         self.waiting: list[Sequence] = []  # every other live request
         self.in_flight: StepPlan | None = None
+        self.in_flight_decodes: list[Sequence] = []  # the requests of the in-flight plan's DecodeBatch, in order
         self.generated_tokens = 0  # tokens this node's steps produced
-        self.lowest_running: Sequence | None = None  # the lowest-ranked running request at the last ranking
         self.passed_over: list[Sequence] = []  # queued requests the last step did not admit, best-ranked first
+        # Device blocks the queued requests still need (each one's `queued_blocks`, counted as it joined the
+        # queue and again after every step that walked the queue): what placement weighs, in O(1).
+        self.queued_blocks = 0
+        self.fast_path = True  # plan the steady state without the walk (tests turn it off to compare)
+        self._lowest: Sequence | None = None  # the lowest-ranked running request at the last ranking
+        self._lowest_stale = False  # the last step skipped the ranking: rank when asked
+        self._steady = False  # every running request decodes: the last plan held each one, and each sampled
+        self._covered = False  # the plan in flight holds every running request
         self._releases: list[str] = []  # requests the executor must forget with the next plan
         self._step_ids = itertools.count()
+        self._free_slots: list[int] = []  # slots of requests the executor has been told to forget
+        self._slot_ids = itertools.count()
 
     # -- requests in and out ----------------------------------------------------------------------
 
@@ -119,6 +143,7 @@ class Scheduler:
         """Queue a request that arrived elsewhere (moved from another node: it holds no KV here)."""
         self.requests[seq.request_id] = seq
         self.waiting.append(seq)
+        self._count_queued(seq)
 
     def movable(self, seq: Sequence) -> bool:
         """Whether seq can leave this node at no cost: queued, with no KV here and no copy in flight."""
@@ -129,10 +154,9 @@ class Scheduler:
         if not self.movable(seq):
             raise ValueError(f"request {seq.request_id} holds KV or a copy on this node ({seq.state.value})")
         del self.requests[seq.request_id]
-        self.waiting.remove(seq)
+        self._unqueue(seq)
         if seq.executor_known:  # (never: it holds no blocks) kept for safety
-            self._releases.append(seq.request_id)
-            seq.executor_known = False
+            self._forget(seq)
 
     def abort(self, request_id: str, reason: Finish = Finish.CANCELLED) -> Sequence | None:
         """End a live request now; returns it, or None if it is not live."""
@@ -161,9 +185,13 @@ class Scheduler:
         """
         self.stats.count("priority_changes", self.priority_updates.apply(self.requests.values()))
         self.conversations.expire(now())
+        grown = self._grow_decodes()
+        if grown is not None and self.fast_path:
+            return self._plan_decodes(grown)
         step = _Step(budget=self.config.max_step_tokens)
         ranked = self.policy.order([*self.running, *self.waiting])
-        self.lowest_running = next((s for s in reversed(ranked) if s.state is RequestState.RUNNING), None)
+        self._lowest = next((s for s in reversed(ranked) if s.state is RequestState.RUNNING), None)
+        self._lowest_stale = False
         for i, seq in enumerate(ranked):
             if step.budget <= 0:
                 break
@@ -173,7 +201,56 @@ class Scheduler:
                 break
         # What this step passed over, best-ranked first: the fleet may place it on another node.
         self.passed_over = [s for s in ranked if s.state in _QUEUED] if self.waiting else []
+        self._recount_queued()
         return self._plan(step)
+
+    def _grow_decodes(self) -> list[Sequence] | None:
+        """In the steady state (every live request of the node runs and decodes, nothing waits, the step
+        has room for all of them and the pool for their new blocks), give the decodes that cross into a
+        new block that block now, in slot order, and return them. None otherwise: the walk decides.
+
+        With the blocks handed out in one fixed order, the walk and the fast path give every request the
+        same blocks; which request the walk ranks first does not matter here, as every one is admitted."""
+        running = self.running
+        if not self._steady or self.waiting or len(running) > self.config.max_step_tokens:
+            return None
+        bs = self.blocks.block_size
+        # (The table holds the KV of num_computed tokens: it lacks a block only at a block boundary.)
+        grown = [s for s in running if not s.num_computed % bs and s.num_computed >= len(s.block_table) * bs]
+        if len(grown) > self.blocks.num_free:
+            return None
+        grown.sort(key=_slot_of)
+        for seq in grown:
+            self.blocks.reserve(seq, 1)
+        return grown
+
+    def _plan_decodes(self, grown: list[Sequence]) -> StepPlan | None:
+        """The steady state's plan without the walk: one decode for every running request (`grown`: those
+        given a new block). VTC stays as fair as the walk: counters move only by what each request is
+        served, and each is served one token, as it would be in any order."""
+        running = self.running
+        step = _Step(budget=self.config.max_step_tokens - len(running), decoding=list(running))
+        batch = step.decodes
+        batch.slots = [s.slot for s in running]
+        batch.token_ids = [s.tokens[-1] for s in running]
+        batch.positions = [s.num_computed for s in running]
+        for seq in grown:
+            blocks = self.blocks.take_unsent(seq)
+            batch.block_slots += [seq.slot] * len(blocks)
+            batch.block_ids += blocks
+        self.passed_over = []
+        self._lowest_stale = True
+        self.stats.count("steps_decode_only")
+        return self._plan(step)
+
+    @property
+    def lowest_running(self) -> Sequence | None:
+        """The lowest-ranked running request at the last ranking (ranked now when the last step skipped it)."""
+        if self._lowest_stale:
+            ranked = self.policy.order([*self.running, *self.waiting])
+            self._lowest = next((s for s in reversed(ranked) if s.state is RequestState.RUNNING), None)
+            self._lowest_stale = False
+        return self._lowest
 
     def _admit(self, seq: Sequence, ranked: list[Sequence], i: int, step: _Step) -> bool:
         """Give seq (ranked[i]) its tokens for this step and their blocks, or start its swap-in;
@@ -206,11 +283,11 @@ class Scheduler:
             return True
         self.blocks.reserve(seq, n)
         if seq.state is RequestState.WAITING:
-            self.waiting.remove(seq)
+            self._unqueue(seq)
             seq.move_to(RequestState.RUNNING)
             self.running.append(seq)
         step.budget -= n
-        step.chunks.append(self._chunk(seq, n, step.new_requests))
+        self._chunk(seq, n, step)
         return True
 
     def _victims(self, lower: list[Sequence]) -> list[Sequence]:
@@ -240,30 +317,48 @@ class Scheduler:
             self._preempt(victims.pop(0))
         return Room.OK
 
-    def _chunk(self, seq: Sequence, n: int, new_requests: list[NewRequest]) -> ScheduledChunk:
+    def _chunk(self, seq: Sequence, n: int, step: _Step) -> None:
+        """Add seq's n tokens to the step: a plain decode of a request the executor knows to the packed
+        batch, anything else as a chunk."""
+        if seq.executor_known and seq.grammar is None and seq.num_pending == 1 and len(seq.tokens) > seq.num_prompt:
+            batch = step.decodes
+            batch.slots.append(seq.slot)
+            batch.token_ids.append(seq.tokens[-1])
+            batch.positions.append(seq.num_computed)
+            if seq.unsent_blocks:
+                blocks = self.blocks.take_unsent(seq)
+                batch.block_slots += [seq.slot] * len(blocks)
+                batch.block_ids += blocks
+            step.decoding.append(seq)
+            return
         if not seq.executor_known:  # new to the executor: it gets the whole block table
-            new_requests.append(NewRequest(seq.request_id, seq.sampling))
+            seq.slot = self._free_slots.pop() if self._free_slots else next(self._slot_ids)
+            step.new_requests.append(NewRequest(seq.request_id, seq.sampling, seq.slot))
             seq.executor_known = True
             seq.unsent_blocks = len(seq.block_table)
         start = seq.num_computed
         sample = start + n == len(seq.tokens)
-        return ScheduledChunk(
-            request_id=seq.request_id,
-            token_ids=seq.tokens[start : start + n],
-            start_position=start,
-            new_block_ids=self.blocks.take_unsent(seq),
-            sample=sample,
-            token_bitmask=seq.grammar.mask if seq.grammar is not None and sample else b"",
+        step.chunks.append(
+            ScheduledChunk(
+                request_id=seq.request_id,
+                token_ids=seq.tokens[start : start + n],
+                start_position=start,
+                new_block_ids=self.blocks.take_unsent(seq),
+                sample=sample,
+                token_bitmask=seq.grammar.mask if seq.grammar is not None and sample else b"",
+            )
         )
 
     def _plan(self, step: _Step) -> StepPlan | None:
-        if not step.chunks and not self._releases:
+        if not step.chunks and not step.decoding and not self._releases:
             if self.swaps.has_decided:
                 self.stats.count("steps_without_compute")
             return None
-        plan = StepPlan(next(self._step_ids), step.new_requests, step.chunks, self._releases)
+        plan = StepPlan(next(self._step_ids), step.new_requests, step.chunks, self._releases, step.decodes)
         self._releases = []
         self.in_flight = plan
+        self.in_flight_decodes = step.decoding
+        self._covered = len(step.chunks) + len(step.decoding) == len(self.running)
         self.stats.count("steps")
         return plan
 
@@ -272,20 +367,77 @@ class Scheduler:
         plan = self.in_flight
         if plan is None or plan.step_id != output.step_id:
             raise RuntimeError(f"step result {output.step_id} does not match the plan in flight")
-        self.in_flight = None
-        sampled = dict(output.tokens)
+        decoding = self.in_flight_decodes
+        if len(output.decode_tokens) != len(decoding):
+            raise RuntimeError(
+                f"step result {output.step_id} has {len(output.decode_tokens)} decode tokens, "
+                f"its plan {len(decoding)} decodes"
+            )
+        self.in_flight, self.in_flight_decodes = None, []
         events: list[TokenEvent] = []
+        served: dict[str, list[int]] = {}  # tenant -> [prompt tokens, generated tokens] this step
+        steady = self._covered
+        if plan.chunks:
+            steady = self._apply_chunks(plan, output, events, served) and steady
+        if decoding:
+            self._apply_decodes(decoding, output.decode_tokens, events, served)
+        for tenant, (prompt, generated) in served.items():  # service counted once per tenant per step
+            self.policy.on_served(tenant, prompt, generated)
+            self.stats.served(tenant, prompt, generated)
+        self._steady = steady
+        self.stats.count("generated_tokens", len(events))
+        self.generated_tokens += len(events)
+        return events
+
+    def _apply_decodes(
+        self, seqs: list[Sequence], tokens: list[int], events: list[TokenEvent], served: dict[str, list[int]]
+    ) -> None:
+        """The decodes' sampled tokens, in one tight loop (plain decodes: no prompt, no grammar, and
+        their phase is decode already)."""
+        eos = self.eos_token_ids
+        ended: list[Sequence] = []
+        skipped = False
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.state is not _RUNNING:
+                skipped = True  # cancelled while the step ran
+                continue
+            history = seq.tokens
+            seq.num_computed = len(history)
+            history.append(token)
+            if token in eos or len(history) - len(seq.prompt_ids) >= seq.max_tokens:
+                ended.append(seq)
+        if skipped:
+            pairs = [(s, t) for s, t in zip(seqs, tokens, strict=True) if s.state is _RUNNING]
+            seqs, tokens = [s for s, _ in pairs], [t for _, t in pairs]
+        events.extend(map(TokenEvent, seqs, tokens))
+        for tenant, n in Counter(map(_tenant_of, seqs)).items():
+            served.setdefault(tenant, [0, 0])[1] += n
+        for seq in ended:
+            if len(seq.tokens) - seq.num_prompt >= seq.max_tokens:
+                self._finish(seq, Finish.LENGTH)
+            elif not seq.ignore_eos:
+                self._finish(seq, Finish.EOS)
+
+    def _apply_chunks(
+        self, plan: StepPlan, output: StepOutput, events: list[TokenEvent], served: dict[str, list[int]]
+    ) -> bool:
+        """The chunks' progress and sampled tokens. True if every chunk sampled and none has a grammar
+        (each of their requests now decodes plainly)."""
+        sampled = dict(output.tokens)
         at = now()  # one clock reading for the step's phase changes
+        plain = True
         for chunk in plan.chunks:
             seq = self.requests.get(chunk.request_id)
             if seq is None or seq.state is not RequestState.RUNNING:
                 continue  # cancelled or preempted while the step ran
+            plain = plain and chunk.sample and seq.grammar is None
             seq.num_computed = chunk.start_position + len(chunk.token_ids)
             prompt_done = max(0, min(seq.num_computed, seq.num_prompt) - max(chunk.start_position, seq.prompt_served))
             seq.prompt_served += prompt_done
             generated = 1 if chunk.sample else 0
-            self.policy.on_served(seq, prompt_done, generated)
-            self.stats.served(seq.tenant, prompt_done, generated)
+            account = served.setdefault(seq.tenant, [0, 0])
+            account[0] += prompt_done
+            account[1] += generated
             if chunk.sample:
                 token = sampled[chunk.request_id]
                 seq.tokens.append(token)
@@ -300,9 +452,7 @@ class Scheduler:
                     self._finish(seq, Finish.EOS)  # a finished grammar allows only EOS: end without sampling it
             if not seq.finished and seq.phases.current is not Phase.DECODE:  # decoding stays decoding while it runs
                 seq.update_phase(at)
-        self.stats.count("generated_tokens", len(events))
-        self.generated_tokens += len(events)
-        return events
+        return plain
 
     # -- swaps --------------------------------------------------------------------------------------
 
@@ -328,6 +478,11 @@ class Scheduler:
         self.stats.count("copy_calls", copy_calls)
         self.stats.count("swap_copy_s", copy_s)
         self._copy_ended(order, ok)
+        owner = order.owner
+        if isinstance(owner, KeptKV):
+            self._recount_queued()  # a turn waiting for this KV may hold some of it now
+        elif self.requests.get(owner.request_id) is owner and owner.state is not _RUNNING:
+            self._count_queued(owner)
 
     def _copy_ended(self, order: SwapOrder, ok: bool) -> None:
         if isinstance(order.owner, KeptKV):
@@ -347,6 +502,7 @@ class Scheduler:
                 self.swaps.fall_back_to_recompute(seq)
             seq.host_table, seq.host_tokens = [], 0
         self.conversations.forget_host_copies(self.swaps)
+        self._recount_queued()
         self.stats.count("swap_daemon_lost")
 
     def _reclaim_host(self, spare: Owner) -> bool:
@@ -366,7 +522,8 @@ class Scheduler:
     def on_executor_lost(self) -> None:
         """The executor was lost, and the device KV with it: requests whose KV was on the device
         recompute from tokens, and conversations keep only what the host holds."""
-        self.in_flight = None
+        self.in_flight, self.in_flight_decodes = None, []
+        self._steady = False
         for seq in list(self.running):
             self.stats.count("recomputed_tokens", seq.num_computed)
             self._preempt(seq, count=False)
@@ -376,6 +533,7 @@ class Scheduler:
                 self._release(seq)
                 seq.num_computed = 0
         self.conversations.forget_device_copies(self.swaps)
+        self._recount_queued()
         self._releases = []  # the new executor knows no request: nothing to release
 
     # -- freeing ------------------------------------------------------------------------------------
@@ -389,19 +547,19 @@ class Scheduler:
             self.running.remove(seq)
             self.waiting.append(seq)
         if seq.executor_known:
-            self._releases.append(seq.request_id)
-            seq.executor_known = False
+            self._forget(seq)
         if count and self.swaps.swap_out(seq):
             self.stats.count("preemptions_swap")
             log.debug("preempted_swap", request_id=seq.request_id, computed=seq.num_computed)
-            return
-        if count:
-            self.stats.count("preemptions_recompute")
-            self.stats.count("recomputed_tokens", seq.num_computed)
-        log.debug("preempted_recompute", request_id=seq.request_id, computed=seq.num_computed)
-        self._release(seq)
-        seq.num_computed = 0
-        seq.move_to(RequestState.WAITING)
+        else:
+            if count:
+                self.stats.count("preemptions_recompute")
+                self.stats.count("recomputed_tokens", seq.num_computed)
+            log.debug("preempted_recompute", request_id=seq.request_id, computed=seq.num_computed)
+            self._release(seq)
+            seq.num_computed = 0
+            seq.move_to(RequestState.WAITING)
+        self._count_queued(seq)
 
     def _release(self, seq: Sequence) -> None:
         """Free what seq owns, now or (under a copy) once the copy lands."""
@@ -415,18 +573,51 @@ class Scheduler:
         self.swaps.drop_host_copy(seq)
         self.blocks.release(seq)
         if seq.executor_known:
-            self._releases.append(seq.request_id)
-            seq.executor_known = False
+            self._forget(seq)
+
+    def _forget(self, seq: Sequence) -> None:
+        """The executor drops seq with the next plan (releases apply first, so its slot is free for that
+        plan's new requests)."""
+        self._releases.append(seq.request_id)
+        seq.executor_known = False
+        self._free_slots.append(seq.slot)
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
         if seq.conversation is not None:
             self.conversations.finish_turn(seq, reason, self.swaps)  # may keep its KV for the next turn
         self._release(seq)
-        (self.running if seq.state is RequestState.RUNNING else self.waiting).remove(seq)
+        if seq.state is RequestState.RUNNING:
+            self.running.remove(seq)
+        else:
+            self._unqueue(seq)
         seq.move_to(RequestState.FINISHED)
         seq.finish = reason
         del self.requests[seq.request_id]
         self.stats.count(f"finished_{reason.value}")
+
+    # -- the queue's block needs ------------------------------------------------------------------
+
+    def _queued_need(self, seq: Sequence) -> int:
+        return max(0, self.blocks.blocks_for(len(seq.tokens)) - len(seq.block_table))
+
+    def _count_queued(self, seq: Sequence) -> None:
+        """seq joined the queue, or its KV changed while queued: count what it needs now."""
+        need = self._queued_need(seq)
+        self.queued_blocks += need - seq.queued_blocks
+        seq.queued_blocks = need
+
+    def _unqueue(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        self.queued_blocks -= seq.queued_blocks
+        seq.queued_blocks = 0
+
+    def _recount_queued(self) -> None:
+        """Count every queued request's need again (a copy, a conversation's KV or a lost pool changed it)."""
+        total = 0
+        for seq in self.waiting:
+            seq.queued_blocks = need = self._queued_need(seq)
+            total += need
+        self.queued_blocks = total
 
     # -- views --------------------------------------------------------------------------------------
 

@@ -130,6 +130,8 @@ class Sequence:
     host_tokens: int = 0
     unsent_blocks: int = 0  # trailing blocks of block_table the executor has not been told about
     executor_known: bool = False
+    slot: int = 0  # names it in the plan's DecodeBatch while executor_known
+    queued_blocks: int = 0  # device blocks it still needed when its node last counted its queue (while queued)
     preemptions: int = 0
     conversation: tuple[str, str] | None = None  # (tenant, conversation id)
     reused_tokens: int = 0  # prompt tokens whose KV came from the conversation's earlier turns

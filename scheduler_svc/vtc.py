@@ -91,9 +91,9 @@ class VirtualTokenCounter:
         elif active:
             self._counters[seq.tenant] = max(self._counters[seq.tenant], floor)
 
-    def on_served(self, seq: Sequence, prompt_tokens: int, generated_tokens: int) -> None:
+    def on_served(self, tenant: str, prompt_tokens: int, generated_tokens: int) -> None:
         cost = self.prompt_price * prompt_tokens + self.gen_price * generated_tokens
-        self._counters[seq.tenant] = self.service(seq.tenant) + cost / self.weight(seq.tenant)
+        self._counters[tenant] = self.service(tenant) + cost / self.weight(tenant)
 
     # -- stats ------------------------------------------------------------------------------------
 

@@ -2,11 +2,15 @@
 
 Plain dataclasses mapping one-to-one onto `StepPlan` / `StepResult` in executor.proto, converted
 here and nowhere else. A request new to the executor arrives whole (`NewRequest` plus its whole block
-table); a known one as a diff (only the blocks appended since the last plan).
+table); a known one as a diff (only the blocks appended since the last plan). A known request's plain
+decode (one token, sampled, no grammar) travels packed in the plan's `DecodeBatch`, named by the small
+integer slot its `NewRequest` gave it, and its token comes back in `StepOutput.decode_tokens`: a step
+of hundreds of decodes is a few packed arrays, not a message per request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fastswitch.v1 import common_pb2, executor_pb2
@@ -53,6 +57,7 @@ class Sampling:
 class NewRequest:
     request_id: str
     sampling: Sampling
+    slot: int = 0  # names the request in DecodeBatch until it is released
 
 
 @dataclass(slots=True)
@@ -68,21 +73,49 @@ class ScheduledChunk:
 
 
 @dataclass(slots=True)
+class DecodeBatch:
+    """Plain decodes of requests the executor knows, in parallel arrays: decode i feeds `token_ids[i]`
+    at `positions[i]` to the request in slot `slots[i]` and samples. `block_ids[j]` joins the end of the
+    block table of the request in slot `block_slots[j]`."""
+
+    slots: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    block_slots: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def chunks(self, request_ids: Mapping[int, str]) -> list[ScheduledChunk]:
+        """The same work as one chunk per decode (`request_ids`: the request in each slot)."""
+        new_blocks: dict[int, list[int]] = {}
+        for slot, block in zip(self.block_slots, self.block_ids, strict=True):
+            new_blocks.setdefault(slot, []).append(block)
+        return [
+            ScheduledChunk(request_ids[slot], [token], position, new_blocks.get(slot, []), True)
+            for slot, token, position in zip(self.slots, self.token_ids, self.positions, strict=True)
+        ]
+
+
+@dataclass(slots=True)
 class StepPlan:
     step_id: int
     new_requests: list[NewRequest] = field(default_factory=list)
     chunks: list[ScheduledChunk] = field(default_factory=list)
     released_request_ids: list[str] = field(default_factory=list)
+    decodes: DecodeBatch = field(default_factory=DecodeBatch)
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+        return sum(len(c.token_ids) for c in self.chunks) + len(self.decodes)
 
     def to_proto(self) -> executor_pb2.StepPlan:
+        d = self.decodes
         return executor_pb2.StepPlan(
             step_id=self.step_id,
             new_requests=[
-                executor_pb2.NewRequest(request_id=r.request_id, sampling=r.sampling.to_proto())
+                executor_pb2.NewRequest(request_id=r.request_id, sampling=r.sampling.to_proto(), slot=r.slot)
                 for r in self.new_requests
             ],
             chunks=[
@@ -97,13 +130,23 @@ class StepPlan:
                 for c in self.chunks
             ],
             released_request_ids=self.released_request_ids,
+            decodes=executor_pb2.DecodeBatch(
+                slots=d.slots,
+                token_ids=d.token_ids,
+                positions=d.positions,
+                block_slots=d.block_slots,
+                block_ids=d.block_ids,
+            )
+            if d.slots
+            else None,
         )
 
     @classmethod
     def from_proto(cls, msg: executor_pb2.StepPlan) -> StepPlan:
+        d = msg.decodes
         return cls(
             step_id=msg.step_id,
-            new_requests=[NewRequest(r.request_id, Sampling.from_proto(r.sampling)) for r in msg.new_requests],
+            new_requests=[NewRequest(r.request_id, Sampling.from_proto(r.sampling), r.slot) for r in msg.new_requests],
             chunks=[
                 ScheduledChunk(
                     c.request_id, list(c.token_ids), c.start_position, list(c.new_block_ids), c.sample, c.token_bitmask
@@ -111,17 +154,22 @@ class StepPlan:
                 for c in msg.chunks
             ],
             released_request_ids=list(msg.released_request_ids),
+            decodes=DecodeBatch(
+                list(d.slots), list(d.token_ids), list(d.positions), list(d.block_slots), list(d.block_ids)
+            ),
         )
 
 
 @dataclass(slots=True)
 class StepOutput:
-    """One sampled token per chunk with sample=True, in plan order."""
+    """One sampled token per chunk with sample=True, in plan order; one per decode of the plan's
+    DecodeBatch, in its order."""
 
     step_id: int
     tokens: list[tuple[str, int]]
     forward_ns: int = 0
     sample_ns: int = 0
+    decode_tokens: list[int] = field(default_factory=list)
 
     def to_proto(self) -> executor_pb2.StepResult:
         return executor_pb2.StepResult(
@@ -129,6 +177,7 @@ class StepOutput:
             tokens=[executor_pb2.SampledToken(request_id=r, token_id=t) for r, t in self.tokens],
             forward_ns=self.forward_ns,
             sample_ns=self.sample_ns,
+            decode_token_ids=self.decode_tokens,
         )
 
     @classmethod
@@ -138,4 +187,5 @@ class StepOutput:
             tokens=[(t.request_id, t.token_id) for t in msg.tokens],
             forward_ns=msg.forward_ns,
             sample_ns=msg.sample_ns,
+            decode_tokens=list(msg.decode_token_ids),
         )

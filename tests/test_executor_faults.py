@@ -40,7 +40,7 @@ class _Stub:
 
     def Execute(self) -> _Call:  # noqa: N802 - the gRPC stub's name
         self.streams += 1
-        self.executor.tables.clear()
+        self.executor.forget_all()
         return _Call(self, self.streams)
 
     async def Describe(self, request: object, timeout: float) -> executor_pb2.ExecutorInfo:  # noqa: N802
@@ -115,12 +115,11 @@ class _Harness:
         return self.scheduler.stats.counter(name)
 
 
-def _steps_of(request_id: str) -> Callable[[StepPlan], bool]:
-    return lambda plan: any(c.request_id == request_id for c in plan.chunks)
-
-
 def test_a_step_that_fails_twice_the_same_way_fails_its_requests_with_internal_and_the_rest_go_on() -> None:
-    stub = _Stub(lambda plan, n: _error(grpc.StatusCode.INTERNAL, "boom") if _steps_of("bad")(plan) else None)
+    def fault(plan: StepPlan, n: int) -> grpc.aio.AioRpcError | None:
+        return _error(grpc.StatusCode.INTERNAL, "boom") if "bad" in stub.executor.request_ids(plan) else None
+
+    stub = _Stub(fault)
     h = _Harness(stub, max_running=1)
     bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
     h.scheduler.add(bad)

@@ -58,6 +58,7 @@ class _FailingExecutor(executor_pb2_grpc.ExecutorServicer):
                 tokens=[
                     executor_pb2.SampledToken(request_id=c.request_id, token_id=100) for c in plan.chunks if c.sample
                 ],
+                decode_token_ids=[100] * len(plan.decodes.slots),
             )
 
 

@@ -128,7 +128,9 @@ class MaskedExecutor(FakeExecutor):
         for rid, h in out.tokens:
             ok = allowed(masks[rid]) if masks[rid] else np.arange(100, 200)
             tokens.append((rid, int(ok[(h * 7919) % len(ok)])))
-        return StepOutput(out.step_id, tokens)
+        free = np.arange(100, 200)  # decodes have no grammar
+        decode_tokens = [int(free[(h * 7919) % len(free)]) for h in out.decode_tokens]
+        return StepOutput(out.step_id, tokens, decode_tokens=decode_tokens)
 
 
 def scheduler(num_blocks: int, host_blocks: int = 0, eos: int = 2) -> Scheduler:

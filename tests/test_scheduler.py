@@ -10,7 +10,7 @@ from scheduler_svc.conversations import KeptKV
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence
 from scheduler_svc.swap_manager import SwapOrder
-from svc_common.plan import Sampling, StepOutput, StepPlan
+from svc_common.plan import Sampling, ScheduledChunk, StepOutput, StepPlan
 from svc_common.swap import Direction, Granularity
 from tests.conftest import FakeClock
 
@@ -29,25 +29,43 @@ class FakeExecutor:
     def __init__(self) -> None:
         self.tables: dict[str, list[int]] = {}
         self.kv: dict[int, list[int | None]] = {}  # device block -> the token whose KV each slot holds
+        self.slots: dict[int, str] = {}  # the request each slot names (NewRequest.slot)
 
     def run(self, plan: StepPlan) -> StepOutput:
         for rid in plan.released_request_ids:
             self.tables.pop(rid, None)
+            self.slots = {slot: r for slot, r in self.slots.items() if r != rid}
         for new in plan.new_requests:
+            assert new.slot not in self.slots, "a slot was given while the request holding it is known"
             self.tables[new.request_id] = []
-        tokens = []
-        for chunk in plan.chunks:
-            table = self.tables[chunk.request_id]
-            table.extend(chunk.new_block_ids)
-            end = chunk.start_position + len(chunk.token_ids)
-            assert len(table) * BLOCK >= end, "a chunk's tokens must fit the blocks it was given"
-            for pos, token in enumerate(chunk.token_ids, start=chunk.start_position):
-                self.kv.setdefault(table[pos // BLOCK], [None] * BLOCK)[pos % BLOCK] = token
-            context = [self.kv.get(table[pos // BLOCK], [None] * BLOCK)[pos % BLOCK] for pos in range(end)]
-            assert None not in context, "attention read a slot nobody wrote"
-            if chunk.sample:
-                tokens.append((chunk.request_id, 1 + sum((i + 1) * t for i, t in enumerate(context)) % 97))
-        return StepOutput(plan.step_id, tokens)
+            self.slots[new.slot] = new.request_id
+        decodes = plan.decodes.chunks(self.slots)
+        assert len({c.request_id for c in plan.chunks + decodes}) == len(plan.chunks) + len(decodes)
+        tokens = [self._compute(chunk) for chunk in plan.chunks]
+        decode_tokens = [self._compute(chunk) for chunk in decodes]
+        chunk_tokens = [(c.request_id, t) for c, t in zip(plan.chunks, tokens, strict=True) if c.sample]
+        return StepOutput(plan.step_id, chunk_tokens, decode_tokens=[t for t in decode_tokens if t is not None])
+
+    def forget_all(self) -> None:
+        """A new Execute stream: the executor knows no request."""
+        self.tables.clear()
+        self.slots.clear()
+
+    def request_ids(self, plan: StepPlan) -> list[str]:
+        """The requests a plan computes (its decodes by the slots the executor knows)."""
+        return [c.request_id for c in plan.chunks] + [self.slots[slot] for slot in plan.decodes.slots]
+
+    def _compute(self, chunk: ScheduledChunk) -> int | None:
+        """Write the chunk's KV; the token it samples, if it samples."""
+        table = self.tables[chunk.request_id]
+        table.extend(chunk.new_block_ids)
+        end = chunk.start_position + len(chunk.token_ids)
+        assert len(table) * BLOCK >= end, "a chunk's tokens must fit the blocks it was given"
+        for pos, token in enumerate(chunk.token_ids, start=chunk.start_position):
+            self.kv.setdefault(table[pos // BLOCK], [None] * BLOCK)[pos % BLOCK] = token
+        context = [self.kv.get(table[pos // BLOCK], [None] * BLOCK)[pos % BLOCK] for pos in range(end)]
+        assert None not in context, "attention read a slot nobody wrote"
+        return 1 + sum((i + 1) * t for i, t in enumerate(context)) % 97 if chunk.sample else None
 
 
 def make(num_blocks: int, max_step_tokens: int = 16, max_running: int = 4, policy: str = "fcfs") -> Scheduler:
@@ -124,6 +142,7 @@ def test_a_known_request_gets_only_new_blocks_as_a_diff() -> None:
         assert not plan.new_requests or plan.new_requests[0].request_id != "a"
         for c in plan.chunks:
             sent += c.new_block_ids
+        sent += plan.decodes.block_ids
         sched.on_step_output(ex.run(plan))
     assert sent == list(range(len(sent))), "blocks are sent once each, contiguous from an empty pool"
 
@@ -158,7 +177,7 @@ def test_batch_cap_limits_running_requests() -> None:
     for i in range(5):
         sched.add(seq(f"r{i}", prompt_len=2, max_tokens=4))
     while (plan := sched.schedule()) is not None:
-        assert len(plan.chunks) <= 2
+        assert len(plan.chunks) + len(plan.decodes) <= 2
         sched.on_step_output(ex.run(plan))
 
 
@@ -172,7 +191,7 @@ def test_abort_frees_blocks_and_tells_the_executor_to_release() -> None:
     assert sched.abort("a") is not None
     assert sched.blocks.num_free == 64
     plan = sched.schedule()
-    assert plan is not None and plan.released_request_ids == ["a"] and not plan.chunks
+    assert plan is not None and plan.released_request_ids == ["a"] and not plan.chunks and not plan.decodes
     assert sched.abort("a") is None
 
 
@@ -344,8 +363,8 @@ def test_swapped_blocks_are_not_reused_until_the_copy_lands() -> None:
         plan = sched.schedule()
         in_copy = {b for o in sched.swaps.orders() for b in o.device_blocks}
         if plan is not None:
-            for c in plan.chunks:
-                assert not in_copy & set(c.new_block_ids), "a block under a copy was handed out"
+            for blocks in [c.new_block_ids for c in plan.chunks] + [plan.decodes.block_ids]:
+                assert not in_copy & set(blocks), "a block under a copy was handed out"
             sched.on_step_output(ex.run(plan))
         daemon.tick()
 

@@ -56,7 +56,8 @@ class Ledger:
     raw: dict[str, float] = field(default_factory=dict)
 
     def count(self, sched: Scheduler, plan: StepPlan) -> None:
-        for chunk in plan.chunks:
+        slots = {s.slot: s.request_id for s in sched.requests.values() if s.executor_known}
+        for chunk in plan.chunks + plan.decodes.chunks(slots):
             s = sched.requests[chunk.request_id]
             end = min(chunk.start_position + len(chunk.token_ids), s.num_prompt)
             seen = self.prompt_seen.get(s.request_id, 0)
@@ -155,8 +156,8 @@ def test_tenant_returning_from_idle_is_lifted_to_the_least_active_counter() -> N
 def test_arrival_never_lowers_a_counter_and_leaves_it_when_nobody_is_live() -> None:
     vtc = VirtualTokenCounter()
     a, b = tenant_seq("a0", "a", 0.0), tenant_seq("b0", "b", 1.0)
-    vtc.on_served(a, prompt_tokens=10, generated_tokens=5)  # a: 10 + 2*5 = 20
-    vtc.on_served(b, prompt_tokens=2, generated_tokens=1)  # b: 4
+    vtc.on_served(a.tenant, prompt_tokens=10, generated_tokens=5)  # a: 10 + 2*5 = 20
+    vtc.on_served(b.tenant, prompt_tokens=2, generated_tokens=1)  # b: 4
     vtc.on_arrival(tenant_seq("a1", "a", 2.0), live=[b])
     assert vtc.service("a") == 20.0, "a counter above the active floor is kept"
     vtc.on_arrival(tenant_seq("b1", "b", 3.0), live=[])
@@ -172,7 +173,7 @@ def test_order_serves_the_least_counter_first_interleaves_tenants_and_keeps_fcfs
     vtc = VirtualTokenCounter()
     a = [tenant_seq(f"a{i}", "a", float(i)) for i in range(3)]
     b = [tenant_seq(f"b{i}", "b", 10.0 + i) for i in range(3)]
-    vtc.on_served(a[0], prompt_tokens=1, generated_tokens=0)  # a is 1 ahead: b goes first
+    vtc.on_served(a[0].tenant, prompt_tokens=1, generated_tokens=0)  # a is 1 ahead: b goes first
     ranked = vtc.order([*reversed(b), *reversed(a)])
     assert [s.request_id for s in ranked] == ["b0", "a0", "b1", "a1", "b2", "a2"]
     a[1].move_to(RequestState.RUNNING)
