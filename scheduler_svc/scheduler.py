@@ -23,6 +23,7 @@ tight loop and counts service once per tenant.
 from __future__ import annotations
 
 import enum
+import heapq
 import itertools
 from collections import Counter
 from collections.abc import Iterable
@@ -124,7 +125,7 @@ class Scheduler:
         self._covered = False  # the plan in flight holds every running request
         self._releases: list[str] = []  # requests the executor must forget with the next plan
         self._step_ids = itertools.count()
-        self._free_slots: list[int] = []  # slots of requests the executor has been told to forget
+        self._free_slots: list[int] = []  # (a heap) slots of requests the executor has been told to forget
         self._slot_ids = itertools.count()
 
     # -- requests in and out ----------------------------------------------------------------------
@@ -207,19 +208,20 @@ class Scheduler:
     def _grow_decodes(self) -> list[Sequence] | None:
         """In the steady state (every live request of the node runs and decodes, nothing waits, the step
         has room for all of them and the pool for their new blocks), give the decodes that cross into a
-        new block that block now, in slot order, and return them. None otherwise: the walk decides.
+        new block that block now, in the running list's order, and return them. None otherwise: the walk
+        decides.
 
-        With the blocks handed out in one fixed order, the walk and the fast path give every request the
-        same blocks; which request the walk ranks first does not matter here, as every one is admitted."""
+        Handed out before the walk, in one fixed order, the blocks are the same whether the walk or the
+        fast path plans the step; which request the walk ranks first does not matter here, as every
+        one is admitted."""
         running = self.running
-        if not self._steady or self.waiting or len(running) > self.config.max_step_tokens:
+        if not self._steady or self.waiting or not running or len(running) > self.config.max_step_tokens:
             return None
         bs = self.blocks.block_size
         # (The table holds the KV of num_computed tokens: it lacks a block only at a block boundary.)
         grown = [s for s in running if not s.num_computed % bs and s.num_computed >= len(s.block_table) * bs]
         if len(grown) > self.blocks.num_free:
             return None
-        grown.sort(key=_slot_of)
         for seq in grown:
             self.blocks.reserve(seq, 1)
         return grown
@@ -332,7 +334,7 @@ class Scheduler:
             step.decoding.append(seq)
             return
         if not seq.executor_known:  # new to the executor: it gets the whole block table
-            seq.slot = self._free_slots.pop() if self._free_slots else next(self._slot_ids)
+            seq.slot = heapq.heappop(self._free_slots) if self._free_slots else next(self._slot_ids)
             step.new_requests.append(NewRequest(seq.request_id, seq.sampling, seq.slot))
             seq.executor_known = True
             seq.unsent_blocks = len(seq.block_table)
@@ -412,6 +414,7 @@ class Scheduler:
         events.extend(map(TokenEvent, seqs, tokens))
         for tenant, n in Counter(map(_tenant_of, seqs)).items():
             served.setdefault(tenant, [0, 0])[1] += n
+        ended.sort(key=_slot_of)  # the same order whichever order the decodes ran in
         for seq in ended:
             if len(seq.tokens) - seq.num_prompt >= seq.max_tokens:
                 self._finish(seq, Finish.LENGTH)
@@ -580,7 +583,7 @@ class Scheduler:
         plan's new requests)."""
         self._releases.append(seq.request_id)
         seq.executor_known = False
-        self._free_slots.append(seq.slot)
+        heapq.heappush(self._free_slots, seq.slot)
 
     def _finish(self, seq: Sequence, reason: Finish) -> None:
         if seq.conversation is not None:

@@ -133,6 +133,24 @@ def test_a_step_that_fails_twice_the_same_way_fails_its_requests_with_internal_a
     assert h.attached == [True]  # alive, only failing: health stays on
 
 
+def test_a_step_failing_on_a_packed_decode_names_that_request() -> None:
+    def fault(plan: StepPlan, n: int) -> grpc.aio.AioRpcError | None:
+        # Its first decode fails, then its recomputation on the next stream: the same failure twice in a
+        # row on the same request only if the decode's failure was put down to it.
+        decoding = [stub.executor.slots[slot] for slot in plan.decodes.slots]
+        again = n == 2 and "bad" in [c.request_id for c in plan.chunks]
+        return _error(grpc.StatusCode.INTERNAL, "boom") if "bad" in decoding or again else None
+
+    stub = _Stub(fault)
+    h = _Harness(stub, max_running=1)
+    bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
+    h.scheduler.add(bad)
+    h.scheduler.add(good)
+    asyncio.run(h.run_until(lambda: bad.finished and good.finished))
+    assert [(ids, type(err)) for ids, err in h.failed] == [(["bad"], StepFailed)]
+    assert bad.finish is Finish.ERROR and good.output_ids == expected_output(good.prompt_ids, 4)
+
+
 def test_a_failure_that_does_not_repeat_is_replayed_and_the_request_completes() -> None:
     stub = _Stub(lambda plan, n: _error(grpc.StatusCode.INTERNAL, "flaky") if n == 1 else None)
     h = _Harness(stub)

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # Triton's kernels run under its interpreter 
 from executor_svc.config import ExecutorConfig  # noqa: E402
 from executor_svc.model_runner import ModelRunner  # noqa: E402
 from executor_svc.step_meta import ChunkSpec  # noqa: E402
+from svc_common.plan import DecodeBatch, NewRequest, Sampling, ScheduledChunk, StepPlan  # noqa: E402
 
 TINY = {
     "architectures": ["LlamaForCausalLM"],
@@ -232,3 +233,47 @@ def test_cpu_linear_layers_are_packed_and_agree_with_dense_ones(tiny_dir: str, s
         assert_same(run_scenario(sdpa_runner), run_scenario(dense), atol=1e-4)
     finally:
         dense.close()
+
+
+def _greedy_run(runner: ModelRunner, prefix: str, first_block: int, packed: bool) -> dict[str, list[int]]:
+    """Prefill three prompts, then four greedy decodes each (every sampled token fed back), the decodes
+    as chunks or packed in a DecodeBatch; a request gets a new block only when a decode crosses into it."""
+    names = list(SEQS)
+    rids = {n: prefix + n for n in names}
+    free = iter(range(first_block, first_block + 16))
+    tables = {n: [next(free) for _ in range(-(-len(SEQS[n]) // BLOCK))] for n in names}
+    new = [NewRequest(rids[n], Sampling(), slot=i) for i, n in enumerate(names)]
+    prefill = [ScheduledChunk(rids[n], SEQS[n], 0, list(tables[n]), True) for n in names]
+    out = runner.step(StepPlan(0, new, prefill))
+    tokens = {n: [t] for n, (_, t) in zip(names, out.tokens, strict=True)}
+    for step in range(1, 5):
+        positions = {n: len(SEQS[n]) + step - 1 for n in names}
+        grow = {n: [next(free)] if positions[n] == len(tables[n]) * BLOCK else [] for n in names}
+        for n in names:
+            tables[n] += grow[n]
+        if packed:
+            batch = DecodeBatch(
+                slots=[0, 1, 2],
+                token_ids=[tokens[n][-1] for n in names],
+                positions=[positions[n] for n in names],
+                block_slots=[i for i, n in enumerate(names) for _ in grow[n]],
+                block_ids=[b for n in names for b in grow[n]],
+            )
+            out = runner.step(StepPlan(step, decodes=batch))
+            assert not out.tokens
+            sampled = out.decode_tokens
+        else:
+            chunks = [ScheduledChunk(rids[n], [tokens[n][-1]], positions[n], grow[n], True) for n in names]
+            sampled = [t for _, t in runner.step(StepPlan(step, [], chunks)).tokens]
+        for n, t in zip(names, sampled, strict=True):
+            tokens[n].append(t)
+    assert sum(len(t) for t in tables.values()) > sum(-(-len(SEQS[n]) // BLOCK) for n in names)  # some grew
+    runner.step(StepPlan(5, released_request_ids=list(rids.values())))
+    assert not runner.requests and not runner.slots
+    return tokens
+
+
+def test_packed_decodes_give_the_tokens_of_the_same_decodes_as_chunks(sdpa_runner: ModelRunner) -> None:
+    as_chunks = _greedy_run(sdpa_runner, "chunk-", first_block=0, packed=False)
+    packed = _greedy_run(sdpa_runner, "packed-", first_block=20, packed=True)
+    assert packed == as_chunks and all(len(t) == 5 for t in packed.values())
