@@ -8,6 +8,7 @@ fake node's own work (building its answer) is timed apart and subtracted.
 
     python -m fastswitch_bench.capacity --nodes 16 --running 256 --steps 100 --out docs/results/capacity
     python -m fastswitch_bench.capacity --profile   # cProfile's top functions of the same run
+    python -m fastswitch_bench.capacity --policy vtc --tenants 4   # fair share over 4 tenants' requests
 """
 
 from __future__ import annotations
@@ -80,22 +81,34 @@ class Result:
     tokens: int  # generated in the timed steps
     tokens_per_s: float
     submit_us: float  # placing one new request (mean over filling the fleet)
+    policy: str = "fcfs"
+    tenants: int = 1
+    decode_only_steps: int = 0  # timed node-steps the scheduler planned without its walk (the steady state)
+    running_min: int = 0  # running requests on the least full node when the timed steps began
+    waiting: int = 0  # requests waiting on any node then
 
 
-def _config(running: int) -> SchedulerConfig:
-    return SchedulerConfig(max_running=running, max_step_tokens=max(2048, running), kv_reuse=False)
+def _config(running: int, policy: str) -> SchedulerConfig:
+    return SchedulerConfig(max_running=running, max_step_tokens=max(2048, running), kv_reuse=False, policy=policy)
 
 
-def _fill(fleet: Fleet, nodes: int, running: int, prompt_len: int, max_tokens: int) -> None:
+def _fill(fleet: Fleet, nodes: int, running: int, prompt_len: int, max_tokens: int, tenants: int) -> None:
     for i in range(nodes * running):
-        seq = Sequence(f"r{i}", [10 + (i + j) % 1000 for j in range(prompt_len)], Sampling(), max_tokens, True)
-        fleet.add(seq)
+        prompt = [10 + (i + j) % 1000 for j in range(prompt_len)]
+        fleet.add(Sequence(f"r{i}", prompt, Sampling(), max_tokens, True, tenant=f"t{i % tenants}"))
 
 
 async def _drive(
-    nodes: int, running: int, warmup: int, steps: int, prompt_len: int, profiler: cProfile.Profile | None = None
+    nodes: int,
+    running: int,
+    warmup: int,
+    steps: int,
+    prompt_len: int,
+    policy: str = "fcfs",
+    tenants: int = 1,
+    profiler: cProfile.Profile | None = None,
 ) -> Result:
-    config = _config(running)
+    config = _config(running, policy)
     fleet = Fleet(config, [NodeAddress(f"node{i}:1") for i in range(nodes)])
     blocks = running * ((prompt_len + warmup + steps + 2 * 16) // BLOCK_SIZE + 2)
     links = []
@@ -104,14 +117,18 @@ async def _drive(
         fleet.node_up(node)
         links.append(ExecutorLink(config, fleet, node, on_tokens=_drop, on_fail=_fail))
     start = time.perf_counter()
-    _fill(fleet, nodes, running, prompt_len, max_tokens=warmup + steps + 16)
+    _fill(fleet, nodes, running, prompt_len, max_tokens=warmup + steps + 16, tenants=tenants)
     submit_s = time.perf_counter() - start
     # Warm-up: the prompts are computed and every node decodes a full batch; not timed.
     await _run(links, warmup)
-    assert all(len(n.scheduler.running) == running for n in fleet.nodes if n.scheduler), "a node is not full"
+    # Every node full, nothing waiting (with fcfs; under fleet-wide VTC the fleet's balancing may leave a few
+    # requests waiting on full nodes while others run a few short: reported, not hidden).
+    scheds = [n.scheduler for n in fleet.nodes if n.scheduler is not None]
+    running_min, waiting = min(len(s.running) for s in scheds), sum(len(s.waiting) for s in scheds)
     if profiler is not None:
         profiler.enable()
     before = sum(n.scheduler.generated_tokens for n in fleet.nodes if n.scheduler)
+    decode_only_before = fleet.stats.counter("steps_decode_only")
     start = time.perf_counter()
     fakes = await _run(links, steps)
     wall = time.perf_counter() - start
@@ -136,6 +153,11 @@ async def _drive(
         tokens=tokens,
         tokens_per_s=round(tokens / sched_s, 1),
         submit_us=round(1e6 * submit_s / (nodes * running), 1),
+        policy=policy,
+        tenants=tenants,
+        decode_only_steps=int(fleet.stats.counter("steps_decode_only") - decode_only_before),
+        running_min=running_min,
+        waiting=waiting,
     )
 
 
@@ -158,14 +180,23 @@ def _fail(request_ids: list[str], error: Exception) -> None:
     raise AssertionError(f"{len(request_ids)} requests failed on a fake node: {error}")
 
 
-def run(nodes: int, running: int, warmup: int, steps: int, prompt_len: int, profile: bool = False) -> Result:
+def run(
+    nodes: int,
+    running: int,
+    warmup: int,
+    steps: int,
+    prompt_len: int,
+    profile: bool = False,
+    policy: str = "fcfs",
+    tenants: int = 1,
+) -> Result:
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # no debug logs per step
     if not profile:
-        return asyncio.run(_drive(nodes, running, warmup, steps, prompt_len))
+        return asyncio.run(_drive(nodes, running, warmup, steps, prompt_len, policy, tenants))
     profiler = cProfile.Profile()
-    result = asyncio.run(_drive(nodes, running, warmup, steps, prompt_len, profiler))  # the timed steps only
+    result = asyncio.run(_drive(nodes, running, warmup, steps, prompt_len, policy, tenants, profiler))  # timed only
     out = io.StringIO()
     pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
     print(out.getvalue())
@@ -179,10 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per node (prefill, full batches)")
     parser.add_argument("--steps", type=int, default=100, help="timed decode steps per node")
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--policy", default="fcfs", choices=("fcfs", "priority", "vtc"))
+    parser.add_argument("--tenants", type=int, default=1, help="requests spread round-robin over this many tenants")
     parser.add_argument("--profile", action="store_true", help="print cProfile's top functions (slower run)")
     parser.add_argument("--out", help="write results.json there")
     args = parser.parse_args(argv)
-    result = run(args.nodes, args.running, args.warmup, args.steps, args.prompt_len, args.profile)
+    result = run(
+        args.nodes, args.running, args.warmup, args.steps, args.prompt_len, args.profile, args.policy, args.tenants
+    )
     print(json.dumps(asdict(result), indent=2))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

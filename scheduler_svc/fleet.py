@@ -203,7 +203,7 @@ class Fleet:
         if node is None:
             raise LookupError("no executor node is up that can hold this request")
         assert node.scheduler is not None
-        node.scheduler.add(seq, messages, live=self.live())
+        node.scheduler.add(seq, messages)
         node.wake()
         return node
 

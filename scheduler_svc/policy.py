@@ -8,7 +8,7 @@ let fair-share policies count service; a new policy is one class here.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from scheduler_svc.sequence import Sequence
@@ -25,8 +25,8 @@ class Policy(Protocol):
         """Sequences in the order they should be served (first = most deserving)."""
         ...
 
-    def on_arrival(self, seq: Sequence, live: Iterable[Sequence]) -> None:
-        """A new request arrived (`live`: the requests already queued or running)."""
+    def on_arrival(self, seq: Sequence, live_tenants: Collection[str]) -> None:
+        """A new request arrived (`live_tenants`: the tenants with a request already queued or running)."""
         ...
 
     def on_served(self, tenant: str, prompt_tokens: int, generated_tokens: int) -> None:
@@ -43,7 +43,7 @@ class FCFS:
     def order(self, seqs: Iterable[Sequence]) -> list[Sequence]:
         return sorted(seqs, key=lambda s: s.arrival)
 
-    def on_arrival(self, seq: Sequence, live: Iterable[Sequence]) -> None:
+    def on_arrival(self, seq: Sequence, live_tenants: Collection[str]) -> None:
         pass
 
     def on_served(self, tenant: str, prompt_tokens: int, generated_tokens: int) -> None:

@@ -26,7 +26,6 @@ import enum
 import heapq
 import itertools
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -130,14 +129,15 @@ class Scheduler:
 
     # -- requests in and out ----------------------------------------------------------------------
 
-    def add(self, seq: Sequence, messages: list[Message] | None = None, live: Iterable[Sequence] | None = None) -> None:
+    def add(self, seq: Sequence, messages: list[Message] | None = None) -> None:
         """Queue a new request (a conversation's turn starts from its kept KV; `messages` is the
-        conversation's history with this turn's prompt; `live`: every live request the policy weighs
-        it against, default this node's). Raises ResourceExhaustedError, changing nothing, when a new
-        conversation finds no room."""
+        conversation's history with this turn's prompt). The policy weighs it against the tenants with
+        live requests (across the fleet: `stats` is shared). Raises ResourceExhaustedError, changing
+        nothing, when a new conversation finds no room."""
         if seq.conversation is not None:
             self.conversations.start_turn(seq, self.swaps, messages)
-        self.policy.on_arrival(seq, self.requests.values() if live is None else live)
+        self.policy.on_arrival(seq, self.stats.live_tenants())
+        self.stats.request_started(seq.tenant)
         self.adopt(seq)
 
     def adopt(self, seq: Sequence) -> None:
@@ -596,6 +596,7 @@ class Scheduler:
         seq.move_to(RequestState.FINISHED)
         seq.finish = reason
         del self.requests[seq.request_id]
+        self.stats.request_ended(seq.tenant)
         self.stats.count(f"finished_{reason.value}")
 
     # -- the queue's block needs ------------------------------------------------------------------

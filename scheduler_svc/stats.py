@@ -2,7 +2,8 @@
 
 Every part of the scheduler counts here (`count`), and `fastswitch stats` reads it (`counters`,
 `tenants`). Gauges (free blocks, queue lengths) are not stored: the parts that own them report them
-when asked.
+when asked. One is kept here because it is shared by every node and must cost O(1) per arrival: the
+live requests of each tenant (`live_tenants`, which fair-share policies weigh an arrival against).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Stats:
     def __init__(self) -> None:
         self._counters: Counter[str] = Counter()
         self._tenants: dict[str, TenantService] = {}
+        self._live: dict[str, int] = {}  # tenant -> its live requests (queued or running), only while > 0
 
     def count(self, name: str, amount: float = 1) -> None:
         self._counters[name] += amount
@@ -45,6 +47,20 @@ class Stats:
         account = self._tenants.setdefault(tenant, TenantService())
         account.prompt_tokens += prompt_tokens
         account.generated_tokens += generated_tokens
+
+    def request_started(self, tenant: str) -> None:
+        self._live[tenant] = self._live.get(tenant, 0) + 1
+
+    def request_ended(self, tenant: str) -> None:
+        left = self._live.get(tenant, 0) - 1
+        if left > 0:
+            self._live[tenant] = left
+        else:
+            self._live.pop(tenant, None)
+
+    def live_tenants(self) -> list[str]:
+        """The tenants with a live request."""
+        return list(self._live)
 
     def counters(self) -> dict[str, float]:
         """Every counter, the contract's included (0 when never counted)."""

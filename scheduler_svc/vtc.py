@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from scheduler_svc.sequence import RequestState, Sequence
 
@@ -80,8 +80,7 @@ class VirtualTokenCounter:
                 heapq.heappush(heap, self._entry(tenant, queue, i + 1, projected))
         return ranked
 
-    def on_arrival(self, seq: Sequence, live: Iterable[Sequence]) -> None:
-        live_tenants = {s.tenant for s in live if not s.finished}
+    def on_arrival(self, seq: Sequence, live_tenants: Collection[str]) -> None:
         if seq.tenant in live_tenants:
             return  # still backlogged: its counter is already in the race
         active = [self.service(t) for t in live_tenants]

@@ -164,7 +164,7 @@ def test_a_higher_priority_request_preempts_the_lowest_ranked_one_anywhere_in_th
     high = seq("high", prompt_len=4, max_tokens=3, priority=1)
     mid_node = fleet.nodes[where(fleet, mid)]
     assert mid_node.scheduler is not None
-    mid_node.scheduler.add(high, live=fleet.live())
+    mid_node.scheduler.add(high)
     step_all(fleet, executors)
     step_all(fleet, executors)
     assert where(fleet, high) == where(fleet, low)
@@ -226,3 +226,46 @@ def test_a_lost_nodes_conversations_keep_their_history_and_recompute_on_their_ne
     assert fleet.nodes[where(fleet, t2)] is not home and t2.reused_tokens == 0
     run(fleet, executors, t2)
     assert t2.finish is Finish.LENGTH and t2.output_ids == expected_output(t2.prompt_ids, 4)
+
+
+def queued_need(node: Node) -> int:
+    """What the node's queue still needs, summed over it (what placement weighed before the running total)."""
+    sched = node.scheduler
+    assert sched is not None
+    return sum(max(0, sched.blocks.blocks_for(len(s.tokens)) - len(s.block_table)) for s in sched.waiting)
+
+
+def test_placement_weighs_each_queue_by_a_running_total_that_matches_the_sum_over_it() -> None:
+    import random
+
+    rng = random.Random(3)
+    fleet, executors = make_fleet(4, num_blocks=24, max_running=6)
+    fleet.nodes[3].state = NodeState.CONNECTING  # it comes up later and takes queued requests
+    seqs, checked = [], 0
+    for i in range(120):
+        if i == 50:
+            fleet.node_up(fleet.nodes[3])
+        if i == 80:  # node 0 is lost: its requests move
+            assert fleet.nodes[0].scheduler is not None
+            fleet.nodes[0].scheduler.on_executor_lost()
+            fleet.node_lost(fleet.nodes[0])
+        if i == 100:
+            executors[0] = FakeExecutor()
+            fleet.node_up(fleet.nodes[0])
+        for _ in range(rng.choice([0, 0, 1, 3])):  # bursts fill queues between steps
+            s = seq(f"r{len(seqs)}", prompt_len=rng.randint(1, 12), max_tokens=rng.randint(1, 10))
+            seqs.append(s)
+            fleet.add(s)
+            for node in fleet.up_nodes():
+                assert node.scheduler is not None and node.scheduler.queued_blocks == queued_need(node)
+                checked += bool(node.scheduler.waiting)
+        if i % 10 == 9 and (queued := [s for s in seqs if s.state is RequestState.WAITING]):
+            fleet.abort(rng.choice(queued).request_id)  # leaves a queue between steps
+            for node in fleet.up_nodes():
+                assert node.scheduler is not None and node.scheduler.queued_blocks == queued_need(node)
+        step_all(fleet, executors)  # (moves between nodes included)
+        for node in fleet.up_nodes():
+            assert node.scheduler is not None and node.scheduler.queued_blocks == queued_need(node)
+    run(fleet, executors, *seqs)
+    assert checked > 50 and fleet.stats.counter("requests_moved") > 0
+    assert all(n.scheduler is not None and n.scheduler.queued_blocks == 0 for n in fleet.nodes)

@@ -158,13 +158,13 @@ def test_arrival_never_lowers_a_counter_and_leaves_it_when_nobody_is_live() -> N
     a, b = tenant_seq("a0", "a", 0.0), tenant_seq("b0", "b", 1.0)
     vtc.on_served(a.tenant, prompt_tokens=10, generated_tokens=5)  # a: 10 + 2*5 = 20
     vtc.on_served(b.tenant, prompt_tokens=2, generated_tokens=1)  # b: 4
-    vtc.on_arrival(tenant_seq("a1", "a", 2.0), live=[b])
+    vtc.on_arrival(tenant_seq("a1", "a", 2.0), live_tenants=[b.tenant])
     assert vtc.service("a") == 20.0, "a counter above the active floor is kept"
-    vtc.on_arrival(tenant_seq("b1", "b", 3.0), live=[])
+    vtc.on_arrival(tenant_seq("b1", "b", 3.0), live_tenants=[])
     assert vtc.service("b") == 4.0, "with no tenant live there is nobody to catch up with"
-    vtc.on_arrival(tenant_seq("n0", "new", 4.0), live=[])
+    vtc.on_arrival(tenant_seq("n0", "new", 4.0), live_tenants=[])
     assert vtc.service("new") == 0.0
-    vtc.on_arrival(tenant_seq("b2", "b", 5.0), live=[a, b])
+    vtc.on_arrival(tenant_seq("b2", "b", 5.0), live_tenants=[a.tenant, b.tenant])
     assert vtc.service("b") == 4.0, "a live tenant is not lifted"
     assert vtc.tenant_service() == {"a": 20.0, "b": 4.0, "new": 0.0}
 
