@@ -6,7 +6,7 @@ sampled chunk. So what is timed is the scheduler's own per-step path: `schedule(
 the output's parsing, `on_step_output()`, the fleet's balance pass and the event loop's switches. The
 fake node's own work (building its answer) is timed apart and subtracted.
 
-    python -m fastswitch_bench.capacity --nodes 16 --running 256 --steps 100 --out docs/results/capacity
+    python -m fastswitch_bench.capacity --nodes 16 --running 256 --steps 50 --out docs/results/capacity/NAME
     python -m fastswitch_bench.capacity --profile   # cProfile's top functions of the same run
     python -m fastswitch_bench.capacity --policy vtc --tenants 4   # fair share over 4 tenants' requests
 """
@@ -83,7 +83,9 @@ class Result:
     submit_us: float  # placing one new request (mean over filling the fleet)
     policy: str = "fcfs"
     tenants: int = 1
-    decode_only_steps: int = 0  # timed node-steps the scheduler planned without its walk (the steady state)
+    planned_steps: int = 0  # plans made in the timed window (one more per node than its timed steps: the last
+    # plan, written as the fake node parks)
+    decode_only_steps: int = 0  # of those, the plans made without the walk (the steady state's fast path)
     running_min: int = 0  # running requests on the least full node when the timed steps began
     waiting: int = 0  # requests waiting on any node then
 
@@ -129,6 +131,7 @@ async def _drive(
         profiler.enable()
     before = sum(n.scheduler.generated_tokens for n in fleet.nodes if n.scheduler)
     decode_only_before = fleet.stats.counter("steps_decode_only")
+    planned_before = fleet.stats.counter("steps")
     start = time.perf_counter()
     fakes = await _run(links, steps)
     wall = time.perf_counter() - start
@@ -155,6 +158,7 @@ async def _drive(
         submit_us=round(1e6 * submit_s / (nodes * running), 1),
         policy=policy,
         tenants=tenants,
+        planned_steps=int(fleet.stats.counter("steps") - planned_before),
         decode_only_steps=int(fleet.stats.counter("steps_decode_only") - decode_only_before),
         running_min=running_min,
         waiting=waiting,
