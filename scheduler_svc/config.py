@@ -19,6 +19,7 @@ from svc_common.swap import Granularity
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
+MIGRATION_MODES = ("host", "recompute", "off")  # scheduler_svc/migration.py
 PRIORITY_UPDATES = ("none", "random", "markov")
 
 
@@ -72,6 +73,11 @@ class SchedulerConfig:
     preemption: str = setting(
         "swap", env="FASTSWITCH_PREEMPTION", choices=PREEMPTION_MODES, help="what happens to a preempted request's KV"
     )
+    migration: str = setting(
+        "host", env="FASTSWITCH_MIGRATION", choices=MIGRATION_MODES,
+        help="how a queued request holding KV moves to an idle node: host (its KV through the host tier), "
+        "recompute (dropped, recomputed there), off (it stays)",
+    )  # fmt: skip
     max_running: int = setting(64, env="FASTSWITCH_MAX_RUNNING", help="batch-size cap: requests in the running set")
     max_step_tokens: int = setting(
         256, env="FASTSWITCH_MAX_STEP_TOKENS", help="token budget per step (decodes + prefill chunks)"
@@ -177,6 +183,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
+        if self.migration not in MIGRATION_MODES:
+            raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {self.migration!r}")
         if self.max_running <= 0:
             raise ValueError(f"max running requests must be > 0, got {self.max_running}")
         if self.max_step_tokens < self.max_running:

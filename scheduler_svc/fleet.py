@@ -13,8 +13,9 @@ Decisions across nodes are made here, in plain code without gRPC:
 - **Balance** (`balance`): after a node's step, requests it passed over (no room, no batch place)
   move to a node that idles, or to one running a request ranked below them, where they preempt it. So
   no node idles while another queues, and a higher-ranked request never waits behind lower-ranked
-  ones elsewhere. A request is moved when it holds no KV on its node; one whose KV is on its node's
-  host pool migrates it to the target's host pool (`migrations.py`) and swaps in there.
+  ones elsewhere. A request that holds no KV on its node moves at no cost; one that does migrates
+  (migration.py): its KV goes through the host tier to the target, or it recomputes there
+  (`--migration`).
 - **Node loss** (`node_lost`): the node's requests, whose KV went with it, recompute on the others
   (their tokens are here); its conversations keep their histories and recompute on their next turn. A
   node that comes back, or a new one, takes work again (`node_up`).
@@ -30,6 +31,7 @@ import structlog
 
 from scheduler_svc.config import NodeAddress, SchedulerConfig
 from scheduler_svc.conversations import ConversationCache, Message
+from scheduler_svc.migration import Moved, migrate
 from scheduler_svc.policy import PriorityUpdates, make_policy
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence, now
@@ -95,7 +97,6 @@ class Fleet:
         self.conversations = ConversationCache(config, self.stats)
         self.nodes = [Node(i, a) for i, a in enumerate(addresses if addresses is not None else config.nodes)]
         self.eos_token_ids: set[int] = set()
-        self._migrations: Callable[[Sequence, Node, Node], bool] | None = None  # set by the migration mover
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -262,8 +263,8 @@ class Fleet:
                     break  # the best-ranked ones find no place: nor will those below them
                 if sched.movable(seq):
                     self._move(seq, donor, target)
-                elif self._migrations is None or not self._migrations(seq, donor, target):
-                    continue
+                elif self._migrate(seq, donor, target) is not Moved.MOVED:
+                    continue  # it stays (or its KV is on its way to the host, to move from there)
                 seq.moved_at = at
                 moved += 1
             sched.passed_over = [s for s in sched.passed_over if sched.requests.get(s.request_id) is s]
@@ -297,6 +298,13 @@ class Fleet:
                 used.add(node.index)
                 return node
         return None
+
+    def _migrate(self, seq: Sequence, source: Node, target: Node) -> Moved:
+        moved = migrate(seq, source, target, self.config.migration, self.stats)
+        if moved is not Moved.NO:
+            source.wake()  # a copy to send
+            target.wake()
+        return moved
 
     def _move(self, seq: Sequence, source: Node, target: Node) -> None:
         assert source.scheduler is not None and target.scheduler is not None
