@@ -147,6 +147,13 @@ class Fleet:
         self.stats.count("requests_moved_from_lost_nodes", moved)
         return moved
 
+    def add_node(self, address: NodeAddress) -> Node:
+        """A node joins the fleet (it registered itself); its link brings it up."""
+        node = Node(len(self.nodes), address)
+        self.nodes.append(node)
+        log.info("node_added", node=node.index, executor=address.executor, swapd=address.swapd)
+        return node
+
     def up_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.up]
 

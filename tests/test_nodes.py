@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -200,3 +201,53 @@ def test_a_turn_whose_home_is_busy_migrates_its_kv_to_the_idle_node(model_dir, t
         assert second.reused_prefix_tokens > 0
         assert nodes[other]["kept_conversations"] == 1 and nodes[home[0]]["kept_conversations"] == 0
         assert nodes[home[0]]["host_blocks_free"] == nodes[home[0]]["host_blocks_total"], "the lent blocks are freed"
+
+
+def test_a_node_that_registers_itself_serves_and_a_restarted_scheduler_learns_it_back(
+    model_dir, tokenizer, reference, tmp_path
+) -> None:
+    """The scheduler lists no node (--accept-nodes); the executor joins it (--register-with, advertising
+    itself and its swap daemon) and serves token-identically; a new scheduler process on the same port gets
+    the node back from the executor's next registration."""
+    from svc_common.stack import free_port_base
+
+    port = free_port_base(1)
+    addr = f"127.0.0.1:{port}"
+    node = f"127.0.0.1:{port + 1},127.0.0.1:{port + 2}"
+    py = [sys.executable, "-m"]
+    commands = {
+        "swapd": [*py, "swap_daemon", "--port", str(port + 2), "--host-blocks", "96"],
+        "executor": [*py, "executor_svc", "--port", str(port + 1), "--device-blocks", "96", "--threads", "1",
+                     "--dtype", "float32", "--register-with", addr, "--advertise", node],
+        "scheduler": [*py, "scheduler_svc", "--port", str(port), "--accept-nodes"],
+    }  # fmt: skip
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> None:
+        log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115
+        procs[name] = subprocess.Popen(commands[name], stdout=log, stderr=log)
+
+    def serve_once() -> None:
+        with Client(addr) as client:
+            nodes = _wait_up(client, 1, timeout_s=240)
+            assert (nodes[0]["addr"], nodes[0]["swapd_addr"]) == tuple(node.split(","))
+            result = client.complete(PROMPTS[0], max_tokens=8, ignore_eos=True)
+        ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        assert reference.check(ids, result.token_ids, 8, ignore_eos=True) in ("match", "near-tie")
+
+    try:
+        for name in commands:
+            start(name)
+        serve_once()
+        procs["scheduler"].kill()
+        procs["scheduler"].wait()
+        start("scheduler")  # it knows no node until the executor registers again (every 10 s)
+        serve_once()
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
