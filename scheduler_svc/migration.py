@@ -11,6 +11,8 @@ its kept KV, a request swapped out by a preemption) moves here, in the scheduler
   `ReadHostBlocks` stream between the two daemons) while the request waits there as `migrating`;
   once they land it swaps in like any swapped request. The KV crosses the network once; no step of
   either node waits for it, and a pull that fails leaves the request to recompute on the target.
+  Without that path (a node without a swap daemon, pools of different block sizes) the request
+  recomputes on the target instead.
 - `recompute`: the KV is dropped and the request recomputes it on the target (the baseline the
   bench compares with).
 - `off`: it stays on its node until that node can run it.

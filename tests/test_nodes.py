@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -196,6 +197,8 @@ def test_a_turn_whose_home_is_busy_migrates_its_kv_to_the_idle_node(model_dir, t
         with Client(stack.addr) as client:
             stats = wait_idle(client)
             nodes = stats["executors"]
+            metrics = client.metrics()
+        assert re.search(r'^fastswitch_migrations_total\{mode="host"\} 1(\.0)?$', metrics, re.M), "the metric"
         assert stats["migrations_staged"] == 1 and stats["migrations_host"] == 1 and stats["migrations_landed"] == 1
         assert stats["swap_pull_bytes"] > 0 and stats.get("migration_recomputed_tokens", 0) == 0
         assert second.reused_prefix_tokens > 0
