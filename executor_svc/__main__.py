@@ -23,12 +23,20 @@ async def serve(config: ExecutorConfig) -> None:
     )
     executor_pb2_grpc.add_ExecutorServicer_to_server(servicer, host.server)
 
+    registering: list[asyncio.Task[None]] = []
+
     async def load() -> None:
         from executor_svc.model_runner import ModelRunner
 
         servicer.runner = await asyncio.to_thread(ModelRunner, config)
+        if config.register_with:  # join the scheduler by itself
+            from executor_svc.register import keep_registered
+
+            registering.append(asyncio.create_task(keep_registered(config), name="register"))
 
     async def unload() -> None:
+        for task in registering:
+            task.cancel()
         if servicer.runner is not None:
             servicer.runner.close()
 

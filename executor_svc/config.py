@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 from svc_common.settings import (
     bind_host_setting,
     drain_timeout_setting,
+    is_host_port,
     setting,
     tls_cert_setting,
     tls_key_setting,
@@ -60,6 +62,23 @@ class ExecutorConfig:
     tls_cert: str = tls_cert_setting()
     tls_key: str = tls_key_setting()
     drain_timeout_s: float = drain_timeout_setting()
+    # Joining a scheduler by itself (scheduler --accept-nodes): executor_svc/register.py.
+    register_with: str = setting(
+        "", env="FASTSWITCH_REGISTER_WITH", metavar="HOST:PORT",
+        help="the scheduler this node joins once its model is loaded (and again every 10 s: a restarted "
+        "scheduler learns it back); empty: the scheduler lists the node itself (--executor)",
+    )  # fmt: skip
+    advertise: str = setting(
+        "", env="FASTSWITCH_ADVERTISE", metavar="HOST:PORT[,SWAPD_HOST:PORT]",
+        help="this node as the scheduler (and the other nodes' swap daemons) reach it: the executor and, after a "
+        "comma, its swap daemon (empty: this host's name and --port, no swap daemon)",
+    )  # fmt: skip
+    register_api_key: str = setting(
+        "", env="FASTSWITCH_REGISTER_API_KEY", metavar="KEY", help="an admin key of the scheduler (its --api-keys)"
+    )
+    register_tls_ca: str = setting(
+        "", env="FASTSWITCH_REGISTER_TLS_CA", metavar="FILE", help="PEM CA of the scheduler's certificate (TLS)"
+    )
 
     def validate(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -85,6 +104,18 @@ class ExecutorConfig:
         validate_tls(self.tls_cert, self.tls_key)
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")
+        if self.register_with and not is_host_port(self.register_with):
+            raise ValueError(f"--register-with must be HOST:PORT, got {self.register_with!r}")
+        if self.advertise and not all(is_host_port(p.strip()) for p in self.advertise.split(",", 1)):
+            raise ValueError(f"--advertise must be HOST:PORT or HOST:PORT,SWAPD_HOST:PORT, got {self.advertise!r}")
+        if self.register_tls_ca and not os.path.isfile(self.register_tls_ca):
+            raise ValueError(f"--register-tls-ca {self.register_tls_ca}: no such file")
+
+    @property
+    def advertised(self) -> tuple[str, str]:
+        """(executor, swap daemon) as the scheduler reaches this node."""
+        executor, _, swapd = (self.advertise or f"{socket.getfqdn()}:{self.port}").partition(",")
+        return executor.strip(), swapd.strip()
 
     @property
     def resolved_threads(self) -> int:

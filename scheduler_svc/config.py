@@ -10,6 +10,7 @@ from svc_common.settings import (
     api_keys_setting,
     bind_host_setting,
     drain_timeout_setting,
+    is_host_port,
     setting,
     tls_cert_setting,
     tls_key_setting,
@@ -19,6 +20,8 @@ from svc_common.swap import Granularity
 
 POLICIES = ("fcfs", "priority", "vtc")
 PREEMPTION_MODES = ("swap", "recompute", "vllm-like")
+MIGRATION_MODES = ("host", "recompute", "off")  # scheduler_svc/migration.py
+DEFAULT_EXECUTOR = "localhost:50052"  # the node of a scheduler given none
 PRIORITY_UPDATES = ("none", "random", "markov")
 
 
@@ -40,7 +43,7 @@ class NodeAddress:
     def parse(cls, text: str) -> NodeAddress:
         """`HOST:PORT` or `HOST:PORT,SWAPD_HOST:PORT`; ValueError says what is wrong."""
         parts = [p.strip() for p in text.split(",")]
-        if not 1 <= len(parts) <= 2 or not all(_host_port(p) for p in parts):
+        if not 1 <= len(parts) <= 2 or not all(is_host_port(p) for p in parts):
             raise ValueError(f"executor node {text!r} must look like HOST:PORT or HOST:PORT,SWAPD_HOST:PORT")
         return cls(parts[0], parts[1] if len(parts) == 2 else "")
 
@@ -48,18 +51,19 @@ class NodeAddress:
         return f"{self.executor},{self.swapd}" if self.swapd else self.executor
 
 
-def _host_port(text: str) -> bool:
-    host, sep, port = text.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
-
-
 @dataclass(slots=True)
 class SchedulerConfig:
     port: int = setting(50051, env="FASTSWITCH_PORT", help="client API port")
     executor_addr: list[str] = setting(
-        default_factory=lambda: ["localhost:50052"], flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", many=True,
+        default_factory=list, flag="--executor", env="FASTSWITCH_EXECUTOR_ADDR", many=True,
         metavar="HOST:PORT[,SWAPD_HOST:PORT]",
-        help="an executor node: its executor and, after a comma, the swap daemon beside it; one flag per node",
+        help="an executor node: its executor and, after a comma, the swap daemon beside it; one flag per node "
+        f"(none: {DEFAULT_EXECUTOR}, unless --accept-nodes)",
+    )  # fmt: skip
+    accept_nodes: bool = setting(
+        False, env="FASTSWITCH_ACCEPT_NODES",
+        help="executor nodes may join by registering themselves (executor --register-with; an admin key when "
+        "--api-keys is set), beside any --executor",
     )  # fmt: skip
     swapd_addr: str = setting(
         "", flag="--swapd", env="FASTSWITCH_SWAPD_ADDR",
@@ -72,6 +76,11 @@ class SchedulerConfig:
     preemption: str = setting(
         "swap", env="FASTSWITCH_PREEMPTION", choices=PREEMPTION_MODES, help="what happens to a preempted request's KV"
     )
+    migration: str = setting(
+        "host", env="FASTSWITCH_MIGRATION", choices=MIGRATION_MODES,
+        help="how a queued request holding KV moves to an idle node: host (its KV through the host tier), "
+        "recompute (dropped, recomputed there), off (it stays)",
+    )  # fmt: skip
     max_running: int = setting(64, env="FASTSWITCH_MAX_RUNNING", help="batch-size cap: requests in the running set")
     max_step_tokens: int = setting(
         256, env="FASTSWITCH_MAX_STEP_TOKENS", help="token budget per step (decodes + prefill chunks)"
@@ -153,7 +162,8 @@ class SchedulerConfig:
     @property
     def nodes(self) -> list[NodeAddress]:
         """The executor nodes, in the order given (`--swapd` completes a single node that names no daemon)."""
-        nodes = [NodeAddress.parse(text) for text in self.executor_addr]
+        listed = self.executor_addr or ([] if self.accept_nodes else [DEFAULT_EXECUTOR])
+        nodes = [NodeAddress.parse(text) for text in listed]
         if len(nodes) == 1 and not nodes[0].swapd and self.swapd_addr:
             nodes[0] = NodeAddress(nodes[0].executor, self.swapd_addr)
         return nodes
@@ -177,6 +187,8 @@ class SchedulerConfig:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.preemption not in PREEMPTION_MODES:
             raise ValueError(f"preemption must be one of {', '.join(PREEMPTION_MODES)}, got {self.preemption!r}")
+        if self.migration not in MIGRATION_MODES:
+            raise ValueError(f"migration must be one of {', '.join(MIGRATION_MODES)}, got {self.migration!r}")
         if self.max_running <= 0:
             raise ValueError(f"max running requests must be > 0, got {self.max_running}")
         if self.max_step_tokens < self.max_running:
@@ -201,8 +213,6 @@ class SchedulerConfig:
             raise ValueError(f"metrics port out of range: {self.metrics_port}")
         if self.metrics_tenants < 0:
             raise ValueError(f"metrics tenants must be >= 0, got {self.metrics_tenants}")
-        if not self.executor_addr:
-            raise ValueError("at least one executor node is required (--executor HOST:PORT[,SWAPD_HOST:PORT])")
         nodes = self.nodes  # raises ValueError for a malformed address
         if len({n.executor for n in nodes}) != len(nodes):
             raise ValueError("an executor is named twice: give each node once")

@@ -27,7 +27,7 @@ from typing import Any
 import structlog
 
 from fastswitch.v1 import executor_pb2
-from scheduler_svc.config import SchedulerConfig
+from scheduler_svc.config import NodeAddress, SchedulerConfig
 from scheduler_svc.detokenizer import Detokenizer
 from scheduler_svc.executor_link import ExecutorLink
 from scheduler_svc.fleet import Fleet, Node
@@ -38,6 +38,7 @@ from scheduler_svc.sequence import Finish, RequestState, Sequence
 from svc_common.errors import (
     REFUSED,
     AlreadyExists,
+    FailedPrecondition,
     InvalidArgument,
     NotFoundError,
     ResourceExhaustedError,
@@ -49,6 +50,7 @@ from svc_common.plan import Sampling, StepPlan
 log = structlog.get_logger(__name__)
 
 COMPLETED = (Finish.LENGTH, Finish.EOS, Finish.STOP)
+MAX_NODES = 256  # nodes one scheduler takes (registration beyond is refused)
 
 
 @dataclass(slots=True)
@@ -106,18 +108,8 @@ class Engine:
         self.fleet = Fleet(config)
         self.live: dict[str, _Live] = {}
         self._on_fleet_health = on_attached
-        self.links = [
-            ExecutorLink(
-                config,
-                self.fleet,
-                n,
-                self._on_tokens,
-                on_fail=self._fail_requests,
-                on_plan=self._on_plan,
-                on_attached=self._node_attached,
-            )
-            for n in self.fleet.nodes
-        ]
+        self.links = [self._link(n) for n in self.fleet.nodes]
+        self._started_links = False
         self._sweeper: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self._grammars: Grammars | None = None  # built on the first constrained request
@@ -135,6 +127,7 @@ class Engine:
         self.metrics.bind_loop(asyncio.get_running_loop())
         for link in self.links:
             link.start()
+        self._started_links = True
         deadline = time.monotonic() + self.config.executor_timeout_s
         while len(self.fleet.up_nodes()) < len(self.links):
             if time.monotonic() > deadline:
@@ -147,6 +140,39 @@ class Engine:
             await asyncio.sleep(0.05)
         log.info("fleet_ready", nodes=len(self.fleet.up_nodes()), of=len(self.links), policy=self.config.policy)
         self._sweeper = asyncio.create_task(self._sweep(), name="conversation-sweep")
+
+    def _link(self, node: Node) -> ExecutorLink:
+        return ExecutorLink(
+            self.config,
+            self.fleet,
+            node,
+            self._on_tokens,
+            on_fail=self._fail_requests,
+            on_plan=self._on_plan,
+            on_attached=self._node_attached,
+        )
+
+    def register_node(self, address: NodeAddress) -> tuple[int, bool]:
+        """A node registers itself: it joins the fleet and its link starts (a node already in the fleet,
+        by its executor address, keeps its place). Returns (its index, whether it was added)."""
+        if not self.config.accept_nodes:
+            raise FailedPrecondition("this scheduler does not accept nodes: start it with --accept-nodes")
+        for node in self.fleet.nodes:
+            if node.address.executor == address.executor:
+                if node.address.swapd != address.swapd:
+                    raise FailedPrecondition(
+                        f"node {address.executor} is in the fleet with swap daemon {node.address.swapd or 'none'!r}, "
+                        f"not {address.swapd or 'none'!r}: restart the scheduler to change a node's daemon"
+                    )
+                return node.index, False
+        if len(self.fleet.nodes) >= MAX_NODES:
+            raise ResourceExhaustedError(f"the fleet has {MAX_NODES} nodes already, the most one scheduler drives")
+        node = self.fleet.add_node(address)
+        link = self._link(node)
+        self.links.append(link)
+        if self._started_links:
+            link.start()
+        return node.index, True
 
     def _eos_ids(self) -> set[int]:
         return {int(self.tokenizer.eos_token_id)} if self.tokenizer.eos_token_id is not None else set()

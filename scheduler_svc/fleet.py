@@ -13,8 +13,9 @@ Decisions across nodes are made here, in plain code without gRPC:
 - **Balance** (`balance`): after a node's step, requests it passed over (no room, no batch place)
   move to a node that idles, or to one running a request ranked below them, where they preempt it. So
   no node idles while another queues, and a higher-ranked request never waits behind lower-ranked
-  ones elsewhere. A request is moved when it holds no KV on its node; one whose KV is on its node's
-  host pool migrates it to the target's host pool (`migrations.py`) and swaps in there.
+  ones elsewhere. A request that holds no KV on its node moves at no cost; one that does migrates
+  (migration.py): its KV goes through the host tier to the target, or it recomputes there
+  (`--migration`).
 - **Node loss** (`node_lost`): the node's requests, whose KV went with it, recompute on the others
   (their tokens are here); its conversations keep their histories and recompute on their next turn. A
   node that comes back, or a new one, takes work again (`node_up`).
@@ -30,6 +31,7 @@ import structlog
 
 from scheduler_svc.config import NodeAddress, SchedulerConfig
 from scheduler_svc.conversations import ConversationCache, Message
+from scheduler_svc.migration import Moved, migrate
 from scheduler_svc.policy import PriorityUpdates, make_policy
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence, now
@@ -95,7 +97,6 @@ class Fleet:
         self.conversations = ConversationCache(config, self.stats)
         self.nodes = [Node(i, a) for i, a in enumerate(addresses if addresses is not None else config.nodes)]
         self.eos_token_ids: set[int] = set()
-        self._migrations: Callable[[Sequence, Node, Node], bool] | None = None  # set by the migration mover
 
     # -- nodes ------------------------------------------------------------------------------------
 
@@ -145,6 +146,13 @@ class Fleet:
         log.warning("node_lost", node=node.index, moved=moved, stranded=len(sched.requests))
         self.stats.count("requests_moved_from_lost_nodes", moved)
         return moved
+
+    def add_node(self, address: NodeAddress) -> Node:
+        """A node joins the fleet (it registered itself); its link brings it up."""
+        node = Node(len(self.nodes), address)
+        self.nodes.append(node)
+        log.info("node_added", node=node.index, executor=address.executor, swapd=address.swapd)
+        return node
 
     def up_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.up]
@@ -255,8 +263,8 @@ class Fleet:
                     break  # the best-ranked ones find no place: nor will those below them
                 if sched.movable(seq):
                     self._move(seq, donor, target)
-                elif self._migrations is None or not self._migrations(seq, donor, target):
-                    continue
+                elif self._migrate(seq, donor, target) is not Moved.MOVED:
+                    continue  # it stays (or its KV is on its way to the host, to move from there)
                 seq.moved_at = at
                 moved += 1
             sched.passed_over = [s for s in sched.passed_over if sched.requests.get(s.request_id) is s]
@@ -290,6 +298,13 @@ class Fleet:
                 used.add(node.index)
                 return node
         return None
+
+    def _migrate(self, seq: Sequence, source: Node, target: Node) -> Moved:
+        moved = migrate(seq, source, target, self.config.migration, self.stats)
+        if moved is not Moved.NO:
+            source.wake()  # a copy to send
+            target.wake()
+        return moved
 
     def _move(self, seq: Sequence, source: Node, target: Node) -> None:
         assert source.scheduler is not None and target.scheduler is not None

@@ -94,6 +94,14 @@ _COUNTERS: tuple[tuple[str, str, str, dict[str, str]], ...] = (
      "failed_steps", {}),
     ("fastswitch_step_timeouts", "Steps that took longer than --step-timeout (the executor counted as lost)",
      "step_timeouts", {}),
+    ("fastswitch_migrations", "Queued requests moved to another node with their KV, by how",
+     "migrations_host", {"mode": "host"}),
+    ("fastswitch_migrations", "", "migrations_recompute", {"mode": "recompute"}),
+    ("fastswitch_migrations_failed", "Migrations whose pull failed (the request recomputed on the target)",
+     "migrations_failed", {}),
+    ("fastswitch_migration_bytes", "KV bytes pulled between nodes' host pools", "swap_pull_bytes", {}),
+    ("fastswitch_requests_rebalanced", "Queued requests moved to a node that could run them now",
+     "requests_rebalanced", {}),
 )  # fmt: skip
 
 # (metric name, help, {label value: stats key}) for gauges read at scrape time.

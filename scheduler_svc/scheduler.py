@@ -40,9 +40,10 @@ from scheduler_svc.sequence import Finish, Phase, RequestState, Sequence, now
 from scheduler_svc.stats import Stats
 from scheduler_svc.swap_manager import SwapManager, SwapOrder
 from svc_common.plan import DecodeBatch, NewRequest, ScheduledChunk, StepOutput, StepPlan
+from svc_common.swap import Direction
 
 if TYPE_CHECKING:
-    from scheduler_svc.swap_manager import Owner
+    from scheduler_svc.swap_manager import HostLoan, Owner
 
 log = structlog.get_logger(__name__)
 
@@ -158,6 +159,56 @@ class Scheduler:
         self._unqueue(seq)
         if seq.executor_known:  # (never: it holds no blocks) kept for safety
             self._forget(seq)
+
+    # -- migration (the fleet moves a queued request that holds KV: migration.py) -------------------
+
+    def stage_for_migration(self, seq: Sequence) -> bool:
+        """Start copying a queued request's device KV to the host, so that it can migrate from there once
+        the copy lands; False if it cannot (no daemon, host pool full: it stays as it is)."""
+        if seq.state is not RequestState.WAITING or not seq.block_table or seq.num_computed == 0:
+            return False
+        if not self.swaps.swap_out(seq):
+            return False
+        if seq.executor_known:  # (a queued request's table is not the executor's: kept for safety)
+            self._forget(seq)
+        self._count_queued(seq)
+        self.stats.count("migrations_staged")
+        return True
+
+    def hand_over(self, seq: Sequence) -> HostLoan:
+        """Take a swapped request off this node for another node to pull its KV: its host blocks stay
+        allocated, lent to that pull, until it ends."""
+        if seq.state is not RequestState.SWAPPED or not seq.host_table:
+            raise ValueError(f"request {seq.request_id} has no KV on this node's host ({seq.state.value})")
+        loan = self.swaps.lend(seq.host_table)
+        seq.host_table = []
+        del self.requests[seq.request_id]
+        self._unqueue(seq)
+        return loan
+
+    def host_room(self, num_blocks: int, seq: Sequence) -> list[int] | None:
+        """Host blocks for a request migrating here (reclaiming idle host copies); None if there is no room."""
+        return self.swaps.allocate_host(num_blocks, None, spare=seq) if self.swaps.enabled else None
+
+    def receive(self, seq: Sequence, dest: list[int], source: HostLoan, source_addr: str, tokens: int) -> None:
+        """Queue a request migrating here: pull the KV of its first `tokens` tokens from the other node's
+        host blocks (`source`, through its daemon at `source_addr`) into `dest` (from `host_room`); once
+        they land it swaps in as usual."""
+        self.adopt(seq)
+        seq.host_tokens = 0  # until the pull lands
+        seq.move_to(RequestState.MIGRATING)
+        self.swaps.pull(seq, dest, source, source_addr, tokens)
+
+    def forget_kv(self, seq: Sequence) -> None:
+        """Drop a queued request's KV (device and host): it recomputes wherever it runs next."""
+        if seq.state not in _QUEUED:
+            raise ValueError(f"request {seq.request_id} is not queued ({seq.state.value})")
+        self.stats.count("recomputed_tokens", seq.num_computed)
+        self._release(seq)
+        seq.num_computed = 0
+        if seq.state is RequestState.SWAPPED:
+            seq.move_to(RequestState.WAITING)
+        self._count_queued(seq)
 
     def abort(self, request_id: str, reason: Finish = Finish.CANCELLED) -> Sequence | None:
         """End a live request now; returns it, or None if it is not live."""
@@ -478,8 +529,11 @@ class Scheduler:
         if order is None:
             return
         self.stats.count(f"swap_{order.direction.value}_bytes", bytes_moved)
-        self.stats.count("copy_calls", copy_calls)
-        self.stats.count("swap_copy_s", copy_s)
+        if order.direction is Direction.PULL:  # between daemons: not a device copy
+            self.stats.count("migration_pull_s", copy_s)
+        else:
+            self.stats.count("copy_calls", copy_calls)
+            self.stats.count("swap_copy_s", copy_s)
         self._copy_ended(order, ok)
         owner = order.owner
         if isinstance(owner, KeptKV):
@@ -566,7 +620,7 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         """Free what seq owns, now or (under a copy) once the copy lands."""
-        if seq.state is RequestState.SWAPPING_IN:
+        if seq.state in (RequestState.SWAPPING_IN, RequestState.MIGRATING):
             # Both tables are under the copy: it frees them once it lands.
             seq.block_table, seq.host_table, seq.host_tokens = [], [], 0
             seq.unsent_blocks = 0

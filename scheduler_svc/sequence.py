@@ -32,6 +32,7 @@ class RequestState(enum.Enum):
     SWAPPED = "swapped"  # KV on the host; queued
     SWAPPING_IN = "swapping_in"  # KV being copied back; not schedulable until it lands
     AWAITING_KV = "awaiting_kv"  # a conversation's next turn, queued until the kept KV's copy to the host lands
+    MIGRATING = "migrating"  # moved here from another node; its KV is being pulled into this node's host pool
     FINISHED = "finished"
 
     @property
@@ -46,9 +47,10 @@ LEGAL_MOVES: dict[RequestState, frozenset[RequestState]] = {
     _S.WAITING: frozenset({_S.RUNNING, _S.WAITING, _S.SWAPPING_OUT, _S.SWAPPED, _S.AWAITING_KV, _S.FINISHED}),
     _S.RUNNING: frozenset({_S.WAITING, _S.SWAPPING_OUT, _S.SWAPPED, _S.FINISHED}),
     _S.SWAPPING_OUT: frozenset({_S.SWAPPED, _S.WAITING, _S.FINISHED}),
-    _S.SWAPPED: frozenset({_S.SWAPPING_IN, _S.WAITING, _S.FINISHED}),
+    _S.SWAPPED: frozenset({_S.SWAPPING_IN, _S.WAITING, _S.MIGRATING, _S.FINISHED}),
     _S.SWAPPING_IN: frozenset({_S.WAITING, _S.FINISHED}),
     _S.AWAITING_KV: frozenset({_S.WAITING, _S.FINISHED}),
+    _S.MIGRATING: frozenset({_S.SWAPPED, _S.WAITING, _S.FINISHED}),
     _S.FINISHED: frozenset(),
 }
 
@@ -70,7 +72,7 @@ class Phase(enum.Enum):
 
     QUEUED = "queued"  # waiting for its turn (policy order, batch cap, step budget)
     BLOCKED = "blocked"  # its turn came but no device blocks were free
-    SWAP_IN = "swap_in"  # waiting for its KV to come back from the host
+    SWAP_IN = "swap_in"  # waiting for its KV to come back from the host (or to arrive from another node)
     PREFILL = "prefill"  # computing its prompt (or recomputing its history after a preemption)
     PREEMPTED = "preempted"  # off the device after a preemption
     DECODE = "decode"  # generating, one token per step
@@ -185,7 +187,7 @@ class Sequence:
         state = self.state
         if state is RequestState.FINISHED:
             return None
-        if state in (RequestState.SWAPPING_IN, RequestState.AWAITING_KV):
+        if state in (RequestState.SWAPPING_IN, RequestState.AWAITING_KV, RequestState.MIGRATING):
             return Phase.SWAP_IN
         if self.blocked:
             return Phase.BLOCKED

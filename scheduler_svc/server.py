@@ -12,11 +12,12 @@ import grpc
 import structlog
 
 from fastswitch.v1 import api_pb2, api_pb2_grpc, common_pb2
+from scheduler_svc.config import NodeAddress
 from scheduler_svc.engine import Engine, GenerateInput
 from scheduler_svc.grammar import OutputConstraint
 from scheduler_svc.sequence import Finish, Sequence
 from svc_common import auth
-from svc_common.errors import PermissionDeniedError, ShuttingDown, Unavailable
+from svc_common.errors import InvalidArgument, PermissionDeniedError, ShuttingDown, Unavailable
 from svc_common.model_source import model_name
 from svc_common.plan import Sampling
 from svc_common.server import ServiceHost
@@ -153,6 +154,22 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
             kv_capacity_tokens=self.engine.fleet.kv_capacity_tokens(),
             policy=self.engine.config.policy,
         )
+
+    async def RegisterNode(
+        self, request: api_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
+    ) -> api_pb2.RegisterNodeResponse:
+        principal = auth.current_principal.get()
+        if principal is not None and not principal.admin:
+            raise PermissionDeniedError("a node joins the fleet with an admin key (executor --register-api-key)")
+        text = f"{request.executor_addr},{request.swapd_addr}" if request.swapd_addr else request.executor_addr
+        try:
+            address = NodeAddress.parse(text)
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
+        index, added = self.engine.register_node(address)
+        if added:
+            log.info("node_registered", node=index, executor=address.executor, swapd=address.swapd)
+        return api_pb2.RegisterNodeResponse(index=index, added=added)
 
     async def GetMetrics(
         self, request: api_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext

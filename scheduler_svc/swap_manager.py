@@ -10,6 +10,10 @@ A host copy stays valid while its tokens do not change, so a copy to the host mo
 written since the last one, and the partly filled block before them (`plan_copy_out`). A request
 that cannot be swapped out (no daemon, host pool full) is recomputed instead, and so is one whose
 copy fails. When the daemon is lost, every copy fails and every host copy is gone (`detach`).
+
+Between nodes (migration.py): a request leaving this node lends its host blocks (`lend`) to the
+target's pull, which reads them through this node's daemon; they are freed when the pull ends
+(`HostLoan.release`). On the target, a `Direction.PULL` order owns the blocks the KV lands in.
 """
 
 from __future__ import annotations
@@ -42,7 +46,21 @@ class SwapOrder:
     host_blocks: list[int]
     runs: list[BlockRun]
     granularity: Granularity
-    tokens: int  # tokens whose KV the host holds once a copy out lands
+    tokens: int  # tokens whose KV the host holds once a copy out (or a pull) lands
+    source: HostLoan | None = None  # a pull's: the other node's host blocks it reads (freed when it ends)
+    source_addr: str = ""  # a pull's: the other node's swap daemon
+
+
+@dataclass(slots=True, eq=False)
+class HostLoan:
+    """Host blocks of this node that another node's daemon is reading (a request migrating away): nobody
+    here owns them, and they are freed once the read has ended (ok or not)."""
+
+    lender: SwapManager
+    blocks: list[int]
+
+    def release(self) -> None:
+        self.lender.end_loan(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +106,7 @@ class SwapManager:
         # Device blocks of copies that were in flight when the daemon's stream broke: the daemon may
         # still be writing them, so nobody owns them and nobody may allocate them until it is safe.
         self.quarantined: list[int] = []
+        self.loans: list[HostLoan] = []  # host blocks lent to pulls from other nodes
 
     # -- the daemon -------------------------------------------------------------------------------
 
@@ -120,12 +139,13 @@ class SwapManager:
         self._in_flight.clear()
         self._decided.clear()
         self.host = None
+        self.loans = []  # what they lent is gone with the pool (the pulls reading it fail)
         return orders
 
     # -- orders -----------------------------------------------------------------------------------
 
     def order(self, direction: Direction, owner: Owner, device: list[int], host: list[int], tokens: int) -> SwapOrder:
-        runs = pair_runs(device, host)
+        runs = pair_runs(device, host) if direction is not Direction.PULL else []  # a pull has no device side
         order = SwapOrder(next(self._ids), direction, owner, device, host, runs, self.config.copy_granularity, tokens)
         self._decided.append(order)
         self.stats.count(f"swap_{direction.value}_orders")
@@ -165,6 +185,24 @@ class SwapManager:
         return sum(len(o.device_blocks) for o in self.orders() if o.direction is Direction.OUT)
 
     # -- the host pool ----------------------------------------------------------------------------
+
+    def lend(self, blocks: list[int]) -> HostLoan:
+        """Hand host blocks to another node's pull; they stay allocated until `HostLoan.release`."""
+        loan = HostLoan(self, blocks)
+        self.loans.append(loan)
+        return loan
+
+    def end_loan(self, loan: HostLoan) -> None:
+        """The pull reading a loan ended: free its blocks (unless the pool was lost meanwhile)."""
+        if any(held is loan for held in self.loans):
+            self.loans = [held for held in self.loans if held is not loan]
+            self.free_host(loan.blocks)
+
+    def pull(self, seq: Sequence, dest: list[int], source: HostLoan, source_addr: str, tokens: int) -> SwapOrder:
+        """Order a pull of another node's host blocks (`source`, at `source_addr`) into `dest` here."""
+        order = self.order(Direction.PULL, seq, [], dest, tokens)
+        order.source, order.source_addr = source, source_addr
+        return order
 
     def free_host(self, blocks: list[int]) -> None:
         if self.host is not None and blocks:
@@ -244,6 +282,9 @@ class SwapManager:
         failed, the request recomputes. A request that finished meanwhile only gets its blocks freed."""
         seq = order.owner
         assert isinstance(seq, Sequence)
+        if order.direction is Direction.PULL:
+            self._pull_done(seq, order, ok)
+            return
         if order.direction is Direction.OUT:
             self.blocks.free(order.device_blocks)  # the copy has landed: reusable now
             if seq.finished or not ok:
@@ -266,6 +307,20 @@ class SwapManager:
         if not self.config.reuse:
             self.drop_host_copy(seq)  # else it stays valid: the next swap-out moves only newer blocks
         seq.move_to(RequestState.WAITING)  # KV is back on the device: schedulable
+
+    def _pull_done(self, seq: Sequence, order: SwapOrder, ok: bool) -> None:
+        """A migrating request's KV has arrived in this host pool (it is swapped here now), or the pull
+        failed (it recomputes here)."""
+        if order.source is not None:
+            order.source.release()
+        self.stats.count("migrations_landed" if ok else "migrations_failed")
+        if seq.finished or not ok:
+            self.free_host(order.host_blocks)
+            if not seq.finished:
+                self.fall_back_to_recompute(seq)
+            return
+        seq.host_table, seq.host_tokens = order.host_blocks, order.tokens
+        seq.move_to(RequestState.SWAPPED)
 
     def drop_host_copy(self, seq: Sequence) -> None:
         self.free_host(seq.host_table)

@@ -24,11 +24,25 @@ from fastswitch.v1 import executor_pb2, swap_pb2, swap_pb2_grpc
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.swap_manager import SwapOrder
 from svc_common.server import link_channel
+from svc_common.swap import Direction, Pull, host_ranges
 
 log = structlog.get_logger(__name__)
 
 DESCRIBE_DEADLINE_S = 10.0
 RECONNECT_DELAY_S = 1.0
+
+
+def _command(order: SwapOrder) -> swap_pb2.SwapCommand:
+    if order.direction is Direction.PULL:  # another node's host blocks into this daemon's host pool
+        assert order.source is not None
+        pull = Pull(order.source_addr, host_ranges(order.source.blocks), host_ranges(order.host_blocks))
+        return swap_pb2.SwapCommand(swap_id=order.swap_id, pull=pull.to_proto())
+    return swap_pb2.SwapCommand(
+        swap_id=order.swap_id,
+        direction=order.direction.to_proto(),
+        runs=[run.to_proto() for run in order.runs],
+        granularity=order.granularity.to_proto(),
+    )
 
 
 class SwapDaemonLink:
@@ -84,12 +98,7 @@ class SwapDaemonLink:
             if call is None:
                 self.scheduler.on_swap_done(order.swap_id, ok=False)
                 continue
-            command = swap_pb2.SwapCommand(
-                swap_id=order.swap_id,
-                direction=order.direction.to_proto(),
-                runs=[run.to_proto() for run in order.runs],
-                granularity=order.granularity.to_proto(),
-            )
+            command = _command(order)
             try:
                 await call.write(command)
             except (grpc.aio.AioRpcError, grpc.aio.UsageError, RuntimeError):

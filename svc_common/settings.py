@@ -329,6 +329,12 @@ def drain_timeout_setting() -> Any:
     )  # fmt: skip
 
 
+def is_host_port(text: str) -> bool:
+    """Whether text is HOST:PORT with a port in 1..65535."""
+    host, sep, port = text.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)
+
+
 def validate_tls(cert: str, key: str) -> None:
     """Both or neither, and both readable: a bad path is said at start, not at the first connection."""
     if bool(cert) != bool(key):

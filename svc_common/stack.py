@@ -300,7 +300,8 @@ class Stack:
             ]
             node = f"{near}:{executor_port}"
             if c.swapd is not None:
-                cmds[swapd_name] = [py, "-m", "swap_daemon", *to_argv(dataclasses.replace(c.swapd, port=swapd_port))]
+                swapd = dataclasses.replace(c.swapd, port=swapd_port, link_tls_ca=c.tls_ca if c.swapd.tls_cert else "")
+                cmds[swapd_name] = [py, "-m", "swap_daemon", *to_argv(swapd)]
                 node += f",{near}:{swapd_port}"
             nodes.append(node)
         scheduler = dataclasses.replace(c.scheduler, executor_addr=nodes, swapd_addr="", link_tls_ca=c.tls_ca)

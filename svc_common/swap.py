@@ -15,8 +15,12 @@ from fastswitch.v1 import swap_pb2
 class Direction(enum.Enum):
     OUT = "out"  # device pool -> host pool
     IN = "in"  # host pool -> device pool
+    PULL = "pull"  # another daemon's host pool -> this host pool (a request migrating here): a `Pull` command
 
     def to_proto(self) -> swap_pb2.SwapDirection.ValueType:
+        """The wire direction of a device copy (a pull has none: it is sent as `Pull`)."""
+        if self is Direction.PULL:
+            raise ValueError("a pull is sent as SwapCommand.pull, not as a direction")
         return swap_pb2.SWAP_DIRECTION_OUT if self is Direction.OUT else swap_pb2.SWAP_DIRECTION_IN
 
     @classmethod
@@ -62,3 +66,53 @@ class BlockRun:
     @classmethod
     def from_proto(cls, msg: swap_pb2.BlockRun) -> BlockRun:
         return cls(msg.device_start, msg.host_start, msg.num_blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class HostRange:
+    """`num_blocks` consecutive blocks of one daemon's host pool, from `start`."""
+
+    start: int
+    num_blocks: int
+
+    def to_proto(self) -> swap_pb2.HostRange:
+        return swap_pb2.HostRange(start=self.start, num_blocks=self.num_blocks)
+
+    @classmethod
+    def from_proto(cls, msg: swap_pb2.HostRange) -> HostRange:
+        return cls(msg.start, msg.num_blocks)
+
+
+def host_ranges(blocks: list[int]) -> list[HostRange]:
+    """Coalesce host blocks, in order, into consecutive runs (one range per run)."""
+    ranges: list[HostRange] = []
+    for b in blocks:
+        last = ranges[-1] if ranges else None
+        if last is not None and last.start + last.num_blocks == b:
+            ranges[-1] = HostRange(last.start, last.num_blocks + 1)
+        else:
+            ranges.append(HostRange(b, 1))
+    return ranges
+
+
+@dataclass(frozen=True, slots=True)
+class Pull:
+    """Copy `source` blocks of the daemon at `source_addr` into `dest` blocks of this daemon's host pool,
+    in order (a request's KV migrating between nodes through the host tier)."""
+
+    source_addr: str
+    source: list[HostRange]
+    dest: list[HostRange]
+
+    def to_proto(self) -> swap_pb2.Pull:
+        return swap_pb2.Pull(
+            source_addr=self.source_addr,
+            ranges=[r.to_proto() for r in self.source],
+            dest=[r.to_proto() for r in self.dest],
+        )
+
+    @classmethod
+    def from_proto(cls, msg: swap_pb2.Pull) -> Pull:
+        return cls(
+            msg.source_addr, [HostRange.from_proto(r) for r in msg.ranges], [HostRange.from_proto(r) for r in msg.dest]
+        )

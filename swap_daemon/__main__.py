@@ -20,7 +20,8 @@ async def serve(config: SwapDaemonConfig) -> None:
     host = ServiceHost(
         bind_address(config.host, config.port), [service], tls_cert=config.tls_cert, tls_key=config.tls_key
     )
-    servicer = SwapDaemonServicer()  # registered before start; the engine arrives in ready()
+    # Registered before start; the engine arrives in ready().
+    servicer = SwapDaemonServicer(link_tls_ca=config.link_tls_ca)
     swap_pb2_grpc.add_SwapDaemonServicer_to_server(servicer, host.server)
 
     async def ready() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from svc_common.settings import (
@@ -28,6 +29,10 @@ class SwapDaemonConfig:
     host: str = bind_host_setting()
     tls_cert: str = tls_cert_setting()
     tls_key: str = tls_key_setting()
+    link_tls_ca: str = setting(
+        "", env="FASTSWITCH_SWAPD_LINK_TLS_CA", metavar="FILE",
+        help="PEM CA that signed the other nodes' swap daemons' certificates: pulls from them (migration) use TLS",
+    )  # fmt: skip
     drain_timeout_s: float = drain_timeout_setting()
 
     def __post_init__(self) -> None:
@@ -43,5 +48,7 @@ class SwapDaemonConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {'|'.join(BACKENDS)}, got {self.backend!r}")
         validate_tls(self.tls_cert, self.tls_key)
+        if self.link_tls_ca and not os.path.isfile(self.link_tls_ca):
+            raise ValueError(f"--link-tls-ca {self.link_tls_ca}: no such file")
         if self.drain_timeout_s < 0:
             raise ValueError(f"drain timeout must be >= 0, got {self.drain_timeout_s}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,7 @@ import numpy as np
 import structlog
 
 from svc_common.errors import FailedPrecondition, InvalidArgument
-from svc_common.swap import BlockRun, Direction, Granularity
+from svc_common.swap import BlockRun, Direction, Granularity, HostRange
 from swap_daemon import pools
 
 log = structlog.get_logger(__name__)
@@ -258,6 +258,34 @@ class CopyEngine:
                 self._inflight -= 1
                 self._lock.notify_all()
 
+    # --- the host pool between daemons (migration) ----------------------------------------------
+
+    def host_slices(self, ranges: Sequence[HostRange]) -> list[tuple[int, int]]:
+        """(byte offset, bytes) of each range in the host pool, checked: FailedPrecondition before the
+        host pool exists, InvalidArgument for an empty range or one outside the pool."""
+        host = self._host
+        if host is None:
+            raise FailedPrecondition("no host pool yet: this daemon has never been attached to an executor")
+        slices = []
+        for r in ranges:
+            if r.num_blocks <= 0 or r.start + r.num_blocks > host.num_blocks:
+                raise InvalidArgument(
+                    f"host range {r.start}+{r.num_blocks} is empty or outside the host pool ({host.num_blocks} blocks)"
+                )
+            slices.append((r.start * host.block_bytes, r.num_blocks * host.block_bytes))
+        return slices
+
+    def read_host(self, slices: Sequence[tuple[int, int]], piece_bytes: int) -> Iterator[bytes]:
+        """The bytes of host slices (from `host_slices`), in order, in pieces of at most piece_bytes."""
+        flat = self._host.flat
+        for offset, nbytes in slices:
+            for start in range(offset, offset + nbytes, piece_bytes):
+                yield flat[start : min(start + piece_bytes, offset + nbytes)].tobytes()
+
+    def host_writer(self, ranges: Sequence[HostRange]) -> HostWriter:
+        """A sequential writer into host ranges (checked like `host_slices`)."""
+        return HostWriter(self._host.flat if self._host is not None else None, self.host_slices(ranges))
+
     # --- backend hooks --------------------------------------------------------------------------
 
     def _map_device(self, kind: str, payload: str, spec: AttachSpec) -> Any:
@@ -271,6 +299,43 @@ class CopyEngine:
 
     def _shutdown(self) -> None:
         pass
+
+
+class HostWriter:
+    """Bytes arriving in order (another daemon's host blocks), written into host slices in order."""
+
+    def __init__(self, flat: np.ndarray | None, slices: list[tuple[int, int]]) -> None:
+        assert flat is not None
+        self.flat = flat
+        self.slices = slices
+        self.expected = sum(n for _, n in slices)
+        self.written = 0
+        self._slice = 0  # the slice being written
+        self._into = 0  # bytes written into it
+
+    def write(self, data: bytes) -> None:
+        if self.written + len(data) > self.expected:
+            raise SwapRejected(
+                f"the source sent more than the {self.expected} bytes expected: do both nodes' KV blocks have the "
+                "same size (the same model and block size)?"
+            )
+        src = np.frombuffer(data, dtype=np.uint8)
+        while src.size:
+            offset, nbytes = self.slices[self._slice]
+            n = min(nbytes - self._into, src.size)
+            np.copyto(self.flat[offset + self._into : offset + self._into + n], src[:n])
+            src = src[n:]
+            self._into += n
+            self.written += n
+            if self._into == nbytes:
+                self._slice, self._into = self._slice + 1, 0
+
+    def finish(self) -> None:
+        if self.written != self.expected:
+            raise SwapRejected(
+                f"the source sent {self.written} bytes, {self.expected} expected: do both nodes' KV blocks have the "
+                "same size (the same model and block size)?"
+            )
 
 
 def _copy_batch(dst: np.ndarray, src: np.ndarray, batch: Sequence[Copy], out: bool) -> None:

@@ -3,6 +3,10 @@
 One `Swap` stream is one attachment. Commands on it run concurrently (copies happen in threads, never
 on the event loop) and their completions are streamed back in completion order. When the stream ends,
 for whatever reason, in-flight copies are waited for and then the device pool is unmapped.
+
+Between daemons (a request migrating from one node to another through the host tier): a `Pull` command
+makes this daemon read host blocks from another daemon (`ReadHostBlocks`, a stream of byte pieces) into
+its own host pool. The scheduler holds both ends' blocks until the pull's SwapDone.
 """
 
 from __future__ import annotations
@@ -17,10 +21,14 @@ import structlog
 
 from fastswitch.v1 import swap_pb2, swap_pb2_grpc
 from svc_common.errors import InvalidArgument, Unavailable
-from svc_common.swap import BlockRun, Direction, Granularity
-from swap_daemon.copier import AttachSpec, CopyEngine, SwapRejected
+from svc_common.server import link_channel
+from svc_common.swap import BlockRun, Direction, Granularity, HostRange, Pull
+from swap_daemon.copier import AttachSpec, CopyEngine, SwapRejected, SwapResult
 
 log = structlog.get_logger(__name__)
+
+PIECE_BYTES = 1 << 20  # ReadHostBlocks streams host bytes in pieces of this size (well under gRPC's message cap)
+PULL_DEADLINE_S = 300.0  # a pull that has not finished by then fails (its request recomputes)
 
 
 def _to_domain(cmd: swap_pb2.SwapCommand) -> tuple[Direction, list[BlockRun], Granularity]:
@@ -34,14 +42,24 @@ def _to_domain(cmd: swap_pb2.SwapCommand) -> tuple[Direction, list[BlockRun], Gr
     return direction, runs, granularity
 
 
+def _direction_name(cmd: swap_pb2.SwapCommand) -> str | int:
+    if cmd.HasField("pull"):
+        return Direction.PULL.value
+    direction = Direction.from_proto(cmd.direction)
+    return direction.value if direction is not None else cmd.direction
+
+
 class SwapDaemonServicer(swap_pb2_grpc.SwapDaemonServicer):
-    def __init__(self, engine: CopyEngine | None = None, dispatch_threads: int = 8) -> None:
+    def __init__(self, engine: CopyEngine | None = None, dispatch_threads: int = 8, link_tls_ca: str = "") -> None:
         self.engine = engine  # None until the daemon is ready (health is NOT_SERVING meanwhile)
+        self.link_tls_ca = link_tls_ca  # verifies other daemons' certificates when pulling from them
+        self._peers: dict[str, grpc.aio.Channel] = {}  # channels to other daemons, by address
         # Threads that run whole commands (each blocks until its copies land); the engine's own
         # memcpy workers / CUDA streams bound how much copying happens at once.
         self._dispatch = ThreadPoolExecutor(max_workers=dispatch_threads, thread_name_prefix="swapd-cmd")
 
     def close(self) -> None:
+        """Stop the copy threads and the engine (process shutdown; peer channels close with the loop)."""
         self._dispatch.shutdown(wait=True)
         if self.engine is not None:
             self.engine.close()
@@ -61,6 +79,31 @@ class SwapDaemonServicer(swap_pb2_grpc.SwapDaemonServicer):
             block_bytes=engine.block_bytes,
             attached=engine.attached,
         )
+
+    async def ReadHostBlocks(
+        self, request: swap_pb2.ReadHostBlocksRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[swap_pb2.HostBlockData]:
+        engine = self._ready_engine()
+        slices = engine.host_slices([HostRange.from_proto(r) for r in request.ranges])  # checked before any byte
+        for piece in engine.read_host(slices, PIECE_BYTES):
+            yield swap_pb2.HostBlockData(data=piece)
+
+    async def pull(self, pull: Pull) -> SwapResult:
+        """Copy another daemon's host blocks into this host pool (a `Pull` command)."""
+        engine = self._ready_engine()
+        if sum(r.num_blocks for r in pull.source) != sum(r.num_blocks for r in pull.dest):
+            raise SwapRejected("a pull's source and destination ranges must hold the same number of blocks")
+        writer = engine.host_writer(pull.dest)
+        channel = self._peers.get(pull.source_addr)
+        if channel is None:
+            channel = self._peers[pull.source_addr] = link_channel(pull.source_addr, self.link_tls_ca)
+        request = swap_pb2.ReadHostBlocksRequest(ranges=[r.to_proto() for r in pull.source])
+        pieces = 0
+        async for piece in swap_pb2_grpc.SwapDaemonStub(channel).ReadHostBlocks(request, timeout=PULL_DEADLINE_S):
+            writer.write(piece.data)
+            pieces += 1
+        writer.finish()
+        return SwapResult(bytes=writer.written, copy_calls=pieces)
 
     async def Swap(
         self, request_iterator: AsyncIterator[swap_pb2.SwapCommand], context: grpc.aio.ServicerContext
@@ -136,12 +179,19 @@ class _SwapStream:
         try:
             if not self.attached:
                 raise SwapRejected("no Attach on this stream yet: the first message must carry attach")
-            direction, runs, granularity = _to_domain(cmd)
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.servicer._dispatch, self.engine.swap, direction, runs, granularity)
+            if cmd.HasField("pull"):
+                result = await self.servicer.pull(Pull.from_proto(cmd.pull))
+            else:
+                direction, runs, granularity = _to_domain(cmd)
+                loop = asyncio.get_running_loop()
+                result = await loop.run_in_executor(
+                    self.servicer._dispatch, self.engine.swap, direction, runs, granularity
+                )
             done.bytes, done.copy_calls = result.bytes, result.copy_calls
-        except SwapRejected as exc:
+        except (SwapRejected, InvalidArgument) as exc:
             done.ok, done.error = False, str(exc)
+        except grpc.aio.AioRpcError as exc:  # a pull's source daemon failed or is gone
+            done.ok, done.error = False, f"pull from {cmd.pull.source_addr} failed: {exc.code().name}: {exc.details()}"
         except Exception as exc:  # noqa: BLE001 - a failed copy fails this swap, not the stream
             log.exception("swap_failed", swap_id=cmd.swap_id)
             done.ok, done.error = False, f"copy failed: {type(exc).__name__}: {exc}"
@@ -149,7 +199,7 @@ class _SwapStream:
         log.debug(
             "swap",
             swap_id=done.swap_id,
-            direction=getattr(Direction.from_proto(cmd.direction), "value", cmd.direction),
+            direction=_direction_name(cmd),
             ok=done.ok,
             error=done.error or None,
             bytes=done.bytes,

@@ -35,6 +35,7 @@ def step_all(fleet: Fleet, executors: dict[int, FakeExecutor]) -> bool:
         plan = sched.schedule()
         if sched.passed_over:
             fleet.balance()
+        assert_queue_totals(fleet)
         if plan is None:
             fleet.balance()
             continue
@@ -43,6 +44,12 @@ def step_all(fleet: Fleet, executors: dict[int, FakeExecutor]) -> bool:
         sched.on_step_output(executors[node.index].run(plan))
         assert_ownership(sched)
     return busy
+
+
+def assert_queue_totals(fleet: Fleet) -> None:
+    """Each node's running total of its queue's block needs (what placement weighs) is the sum over it."""
+    for node in fleet.up_nodes():
+        assert node.scheduler is not None and node.scheduler.queued_blocks == queued_need(node)
 
 
 def run(fleet: Fleet, executors: dict[int, FakeExecutor], *seqs: Sequence, max_steps: int = 2000) -> None:

@@ -1,6 +1,6 @@
 """The Kubernetes manifests (deploy/k8s/) are valid against the API's schemas (kubernetes-validate,
-offline) and wired as the design says: one scheduler behind a Service driving every node by its stable
-name; a node is one pod of an executor and its swap daemon sharing a memory-backed /dev/shm, with a GPU
+offline) and wired as the design says: one scheduler behind a Service, which every node joins by its
+stable name; a node is one pod of an executor and its swap daemon sharing a memory-backed /dev/shm, with a GPU
 and gRPC probes on the ports the services listen on."""
 
 from __future__ import annotations
@@ -10,6 +10,10 @@ import pathlib
 import kubernetes_validate
 import pytest
 import yaml
+
+from executor_svc.config import ExecutorConfig
+from scheduler_svc.config import SchedulerConfig
+from svc_common.settings import parse_value
 
 K8S = pathlib.Path(__file__).resolve().parent.parent / "deploy" / "k8s"
 
@@ -28,7 +32,7 @@ def _one(kind: str, name: str) -> dict:
 
 
 def _env(container: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container.get("env", [])}
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
 @pytest.mark.parametrize("doc", _documents(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
@@ -44,17 +48,30 @@ def test_an_invalid_manifest_is_caught() -> None:
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_the_scheduler_drives_every_node_by_its_stable_name() -> None:
+def test_every_node_registers_with_the_scheduler_by_its_stable_name() -> None:
     scheduler = _one("Deployment", "fastswitch-scheduler")
     nodes = _one("StatefulSet", "fastswitch-node")
     headless = _one("Service", nodes["spec"]["serviceName"])
+    service = _one("Service", "fastswitch")
     assert headless["spec"]["clusterIP"] == "None"
     assert scheduler["spec"]["replicas"] == 1
-    container = scheduler["spec"]["template"]["spec"]["containers"][0]
-    addrs = _env(container)["FASTSWITCH_EXECUTOR_ADDR"].split()
-    pods = [f"fastswitch-node-{i}.{headless['metadata']['name']}" for i in range(nodes["spec"]["replicas"])]
-    assert addrs == [f"{pod}:50052,{pod}:50053" for pod in pods]
-    service = _one("Service", "fastswitch")
+    env = _env(scheduler["spec"]["template"]["spec"]["containers"][0])
+    assert parse_value(SchedulerConfig, "accept_nodes", env["FASTSWITCH_ACCEPT_NODES"]) is True
+    assert "FASTSWITCH_EXECUTOR_ADDR" not in env, "the nodes join by themselves"
+    executor = next(c for c in nodes["spec"]["template"]["spec"]["containers"] if c["name"] == "executor")
+    node_env = _env(executor)
+    assert node_env["FASTSWITCH_REGISTER_WITH"] == f"{service['metadata']['name']}:{int(env['FASTSWITCH_PORT'])}"
+    pod_name = next(e for e in executor["env"] if e["name"] == "POD_NAME")
+    assert pod_name["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    # Kubernetes expands $(POD_NAME) (defined before it): pod i advertises its own stable name.
+    pod = f"fastswitch-node-1.{headless['metadata']['name']}"
+    advertised = node_env["FASTSWITCH_ADVERTISE"].replace("$(POD_NAME)", "fastswitch-node-1")
+    assert advertised == f"{pod}:50052,{pod}:50053"
+    assert [e["name"] for e in executor["env"]].index("POD_NAME") < [e["name"] for e in executor["env"]].index(
+        "FASTSWITCH_ADVERTISE"
+    )
+    config = ExecutorConfig(advertise=advertised, register_with=node_env["FASTSWITCH_REGISTER_WITH"])
+    config.validate()
     assert service["spec"]["selector"] == scheduler["spec"]["template"]["metadata"]["labels"]
 
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from fastswitch import AsyncClient, Client
-from tests.conftest import PROMPTS, start_stack, wait_idle
+from tests.conftest import PROMPTS, running_stack, start_stack, wait_idle
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
 
@@ -144,3 +146,111 @@ def test_a_node_that_comes_back_takes_work_again(model_dir, tokenizer, reference
         _check_all(tokenizer, reference, PROMPTS[:6], results, 12)
         assert after["generated_tokens"] > before, "the returned node serves again"
         assert after["pid"] == stack.procs[-1].pid
+
+
+def _history_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:  # noqa: ANN001
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+async def _until(addr: str, node: int, what: str, timeout_s: float = 120.0) -> None:
+    """Wait until `node` runs a request (what="running")."""
+    deadline = time.monotonic() + timeout_s
+    with Client(addr) as sync:
+        while _nodes(sync)[node][what] == 0:
+            assert time.monotonic() < deadline, f"node {node} never had a {what} request"
+            await asyncio.sleep(0.05)
+
+
+def test_a_turn_whose_home_is_busy_migrates_its_kv_to_the_idle_node(model_dir, tokenizer, reference) -> None:
+    """One request at a time per node. A conversation's next turn arrives while its home runs a long
+    request and the other node a short one: once the other node idles, the turn's KV goes there through
+    the host tier (home device -> home host -> pulled into the other's host -> its device), and the turn
+    finishes there, token-identical, long before its home is free."""
+    turns = ["Name a famous city in France.", "What river runs through it?"]
+    with running_stack(executors=2, max_running=1, **NODE) as stack:
+        with Client(stack.addr) as client:
+            _wait_up(client, 2)
+            first = client.complete(turns[0], chat=True, max_tokens=12, conversation_id="trip", tenant="alice")
+            home = [i for i, n in enumerate(_nodes(client)) if n["kept_conversations"]]
+            assert len(home) == 1
+        other = 1 - home[0]
+
+        async def run() -> tuple[object, object, object, bool]:
+            async with AsyncClient(stack.addr) as c:
+                short = asyncio.create_task(c.complete(PROMPTS[0], max_tokens=16, ignore_eos=True))
+                await _until(stack.addr, other, "running")  # the node without the kept KV has more room
+                long = asyncio.create_task(c.complete(PROMPTS[1], max_tokens=120, ignore_eos=True))
+                await _until(stack.addr, home[0], "running")
+                second = await c.complete(turns[1], chat=True, max_tokens=12, conversation_id="trip", tenant="alice")
+                long_running = not long.done()
+                return second, await short, await long, long_running
+
+        second, _, _, long_running = asyncio.run(run())
+        messages = [
+            {"role": "user", "content": turns[0]},
+            {"role": "assistant", "content": first.text},
+            {"role": "user", "content": turns[1]},
+        ]
+        assert reference.check(_history_ids(tokenizer, messages), second.token_ids, 12) in ("match", "near-tie")
+        assert long_running, "the turn did not wait for its home"
+        with Client(stack.addr) as client:
+            stats = wait_idle(client)
+            nodes = stats["executors"]
+            metrics = client.metrics()
+        assert re.search(r'^fastswitch_migrations_total\{mode="host"\} 1(\.0)?$', metrics, re.M), "the metric"
+        assert stats["migrations_staged"] == 1 and stats["migrations_host"] == 1 and stats["migrations_landed"] == 1
+        assert stats["swap_pull_bytes"] > 0 and stats.get("migration_recomputed_tokens", 0) == 0
+        assert second.reused_prefix_tokens > 0
+        assert nodes[other]["kept_conversations"] == 1 and nodes[home[0]]["kept_conversations"] == 0
+        assert nodes[home[0]]["host_blocks_free"] == nodes[home[0]]["host_blocks_total"], "the lent blocks are freed"
+
+
+def test_a_node_that_registers_itself_serves_and_a_restarted_scheduler_learns_it_back(
+    model_dir, tokenizer, reference, tmp_path
+) -> None:
+    """The scheduler lists no node (--accept-nodes); the executor joins it (--register-with, advertising
+    itself and its swap daemon) and serves token-identically; a new scheduler process on the same port gets
+    the node back from the executor's next registration."""
+    from svc_common.stack import free_port_base
+
+    port = free_port_base(1)
+    addr = f"127.0.0.1:{port}"
+    node = f"127.0.0.1:{port + 1},127.0.0.1:{port + 2}"
+    py = [sys.executable, "-m"]
+    commands = {
+        "swapd": [*py, "swap_daemon", "--port", str(port + 2), "--host-blocks", "96"],
+        "executor": [*py, "executor_svc", "--port", str(port + 1), "--device-blocks", "96", "--threads", "1",
+                     "--dtype", "float32", "--register-with", addr, "--advertise", node],
+        "scheduler": [*py, "scheduler_svc", "--port", str(port), "--accept-nodes"],
+    }  # fmt: skip
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str) -> None:
+        log = open(tmp_path / f"{name}.log", "ab")  # noqa: SIM115
+        procs[name] = subprocess.Popen(commands[name], stdout=log, stderr=log)
+
+    def serve_once() -> None:
+        with Client(addr) as client:
+            nodes = _wait_up(client, 1, timeout_s=240)
+            assert (nodes[0]["addr"], nodes[0]["swapd_addr"]) == tuple(node.split(","))
+            result = client.complete(PROMPTS[0], max_tokens=8, ignore_eos=True)
+        ids = tokenizer(PROMPTS[0], add_special_tokens=False)["input_ids"]
+        assert reference.check(ids, result.token_ids, 8, ignore_eos=True) in ("match", "near-tie")
+
+    try:
+        for name in commands:
+            start(name)
+        serve_once()
+        procs["scheduler"].kill()
+        procs["scheduler"].wait()
+        start("scheduler")  # it knows no node until the executor registers again (every 10 s)
+        serve_once()
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()

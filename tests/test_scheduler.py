@@ -103,6 +103,7 @@ def assert_ownership(sched: Scheduler) -> None:
         host = [b for s in sched.requests.values() if s.state.value != "swapping_in" for b in s.host_table]
         host += [b for o in in_copy for b in o.host_blocks]
         host += [b for k in sched.conversations.kept(sched.swaps) for b in k.host_blocks]
+        host += [b for loan in sched.swaps.loans for b in loan.blocks]  # read by another node's pull
         assert len(host) == len(set(host)), "a host block is owned twice"
         assert host_pool.num_free + len(host) == host_pool.num_blocks
     for s in sched.requests.values():

@@ -562,3 +562,132 @@ def test_auto_backend_picks_cuda_when_a_gpu_is_visible() -> None:
         assert eng.backend == "cuda"
     finally:
         eng.close()
+
+
+# --- between daemons: a migrating request's KV pulled from another daemon's host pool ------------------
+
+
+def serve_two_and_run(engines: tuple[CpuCopyEngine, CpuCopyEngine], body: Callable[..., object]) -> None:
+    """Two daemons on free ports: `body(stub_a, stub_b, addr_a)`; b pulls from a by `addr_a`."""
+    from swap_daemon.server import SwapDaemonServicer
+
+    async def main() -> None:
+        hosts, servicers = [], []
+        for engine in engines:
+            host = ServiceHost("127.0.0.1:0", [SERVICE])
+            servicer = SwapDaemonServicer(engine)
+            swap_pb2_grpc.add_SwapDaemonServicer_to_server(servicer, host.server)
+            await host.server.start()
+            hosts.append(host)
+            servicers.append(servicer)
+        addr_a = f"127.0.0.1:{hosts[0].port}"
+        try:
+            async with (
+                grpc.aio.insecure_channel(addr_a) as a,
+                grpc.aio.insecure_channel(f"127.0.0.1:{hosts[1].port}") as b,
+            ):
+                stubs = swap_pb2_grpc.SwapDaemonStub(a), swap_pb2_grpc.SwapDaemonStub(b)
+                await asyncio.wait_for(body(*stubs, addr_a), timeout=15)  # type: ignore[arg-type]
+        finally:
+            for host, servicer in zip(hosts, servicers, strict=True):
+                await host.server.stop(None)
+                servicer.close()
+
+    asyncio.run(main())
+
+
+def pull(
+    swap_id: int, source_addr: str, source: list[tuple[int, int]], dest: list[tuple[int, int]]
+) -> swap_pb2.SwapCommand:
+    ranges = [swap_pb2.HostRange(start=s, num_blocks=n) for s, n in source]
+    into = [swap_pb2.HostRange(start=s, num_blocks=n) for s, n in dest]
+    return swap_pb2.SwapCommand(swap_id=swap_id, pull=swap_pb2.Pull(source_addr=source_addr, ranges=ranges, dest=into))
+
+
+def test_a_daemon_pulls_another_daemons_host_blocks_byte_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    from swap_daemon import server
+
+    monkeypatch.setattr(server, "PIECE_BYTES", 1000)  # pieces that straddle blocks (a block is 1536 bytes)
+    pool_a, pool_b = ShmPool(seed=1), ShmPool(seed=2)
+    engines = CpuCopyEngine(HOST_BLOCKS, workers=1), CpuCopyEngine(HOST_BLOCKS, workers=1)
+
+    async def body(a: swap_pb2_grpc.SwapDaemonStub, b: swap_pb2_grpc.SwapDaemonStub, addr_a: str) -> None:
+        sa, sb = Stream(a), Stream(b)
+        sa.send(attach_msg(pool_a))
+        sa.send(command(1, OUT, [(0, 3, 2), (5, 9, 3)]))  # a request's 5 blocks on a's host: 3, 4, 9, 10, 11
+        assert (await sa.recv()).ok
+        sb.send(attach_msg(pool_b))
+        sb.send(pull(2, addr_a, [(3, 2), (9, 3)], [(20, 1), (0, 4)]))  # into b's host: 20, 0, 1, 2, 3
+        done = await sb.recv()
+        assert (done.swap_id, done.ok, done.error) == (2, True, "")
+        assert done.bytes == 5 * BLOCK_BYTES and done.copy_calls == 4 + 5  # pieces: each range is cut apart
+        sb.send(command(3, IN, [(10, 20, 1), (11, 0, 4)]))  # and onto b's device: 10..14
+        assert (await sb.recv()).ok
+        # Errors fail that command only, and say what was wrong.
+        sb.send(pull(4, addr_a, [(3, 2)], [(0, 3)]))
+        sb.send(pull(5, addr_a, [(HOST_BLOCKS - 1, 2)], [(0, 2)]))
+        sb.send(pull(6, "127.0.0.1:1", [(3, 1)], [(0, 1)]))
+        sb.send(pull(7, addr_a, [(3, 1)], [(HOST_BLOCKS, 1)]))
+        failed = {d.swap_id: d for d in [await sb.recv() for _ in range(4)]}
+        assert not any(d.ok for d in failed.values())
+        assert "same number of blocks" in failed[4].error
+        assert "INVALID_ARGUMENT" in failed[5].error and "outside the host pool" in failed[5].error
+        assert "pull from 127.0.0.1:1 failed: UNAVAILABLE" in failed[6].error
+        assert "outside the host pool" in failed[7].error
+        for s in (sa, sb):
+            s.close()
+            assert await s.recv() is grpc.aio.EOF
+
+    try:
+        expected = np.concatenate([pool_a.view[0:2], pool_a.view[5:8]])
+        serve_two_and_run(engines, body)
+        np.testing.assert_array_equal(pool_b.view[10:15], expected)
+    finally:
+        pool_a.close()
+        pool_b.close()
+
+
+def test_reading_host_blocks_is_refused_before_a_host_pool_exists_and_outside_it(device: ShmPool) -> None:
+    async def body(stub: swap_pb2_grpc.SwapDaemonStub) -> None:
+        request = swap_pb2.ReadHostBlocksRequest(ranges=[swap_pb2.HostRange(start=0, num_blocks=1)])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [piece async for piece in stub.ReadHostBlocks(request, timeout=5)]
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        s = Stream(stub)
+        s.send(attach_msg(device))
+        s.send(command(1, OUT, [(0, 0, 1)]))
+        assert (await s.recv()).ok
+        pieces = [p.data async for p in stub.ReadHostBlocks(request, timeout=5)]
+        assert b"".join(pieces) == device.view[0].tobytes()
+        outside = swap_pb2.ReadHostBlocksRequest(ranges=[swap_pb2.HostRange(start=HOST_BLOCKS, num_blocks=1)])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            [piece async for piece in stub.ReadHostBlocks(outside, timeout=5)]
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        s.close()
+
+    serve_and_run(CpuCopyEngine(num_host_blocks=HOST_BLOCKS, workers=1), body)
+
+
+def test_a_pull_between_pools_of_different_block_sizes_fails_and_says_why() -> None:
+    pool_a, pool_b = ShmPool(), ShmPool(block_bytes=2 * BLOCK_BYTES)
+    engines = CpuCopyEngine(HOST_BLOCKS, workers=1), CpuCopyEngine(HOST_BLOCKS, workers=1)
+
+    async def body(a: swap_pb2_grpc.SwapDaemonStub, b: swap_pb2_grpc.SwapDaemonStub, addr_a: str) -> None:
+        sa, sb = Stream(a), Stream(b)
+        sa.send(attach_msg(pool_a))
+        sa.send(command(1, OUT, [(0, 0, 2)]))
+        assert (await sa.recv()).ok
+        sb.send(swap_pb2.SwapCommand(attach=swap_pb2.Attach(
+            pool_handle=pool_b.handle, num_device_blocks=DEVICE_BLOCKS, block_bytes=2 * BLOCK_BYTES, num_layers=LAYERS
+        )))  # fmt: skip
+        sb.send(pull(2, addr_a, [(0, 2)], [(0, 2)]))
+        done = await sb.recv()
+        assert not done.ok and "same size" in done.error
+        for s in (sa, sb):
+            s.close()
+
+    try:
+        serve_two_and_run(engines, body)
+    finally:
+        pool_a.close()
+        pool_b.close()
