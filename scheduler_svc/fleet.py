@@ -273,8 +273,9 @@ class Fleet:
         return moved
 
     def _target(self, seq: Sequence, donor: Node, used: set[int]) -> Node | None:
-        """A node where seq can run now: one that idles with room for it, else one running a request
-        ranked below it (which it will preempt there)."""
+        """A node where seq can run now: one that idles with room for it, else (when its node is short of
+        room, not of step budget: then it outranks everyone running there) one running a request ranked
+        below it, which it will preempt there."""
         total = seq.num_prompt + seq.max_tokens
         others = [n for n in self.up_nodes() if n is not donor and self.fits(n, total)]
         idle = []
@@ -288,6 +289,8 @@ class Fleet:
                 idle.append(node)
         if idle:
             return max(idle, key=lambda n: n.scheduler.blocks.num_free if n.scheduler else 0)
+        if donor.scheduler is None or not donor.scheduler.short_of_room:
+            return None  # it runs here once the steps ahead of it are done: preempting elsewhere would churn
         for node in others:
             sched = node.scheduler
             assert sched is not None

@@ -115,6 +115,9 @@ class Scheduler:
         self.in_flight_decodes: list[Sequence] = []  # the requests of the in-flight plan's DecodeBatch, in order
         self.generated_tokens = 0  # tokens this node's steps produced
         self.passed_over: list[Sequence] = []  # queued requests the last step did not admit, best-ranked first
+        # Whether the last walk stopped for want of room (batch cap, blocks), not of step budget: only then do
+        # its passed-over requests outrank every request running here (so they may preempt elsewhere).
+        self.short_of_room = False
         # Device blocks the queued requests still need (each one's `queued_blocks`, counted as it joined the
         # queue and again after every step that walked the queue): what placement weighs, in O(1).
         self.queued_blocks = 0
@@ -244,12 +247,14 @@ class Scheduler:
         ranked = self.policy.order([*self.running, *self.waiting])
         self._lowest = next((s for s in reversed(ranked) if s.state is RequestState.RUNNING), None)
         self._lowest_stale = False
+        self.short_of_room = False
         for i, seq in enumerate(ranked):
             if step.budget <= 0:
                 break
             if not seq.state.schedulable:
                 continue  # a copy is in flight for it
             if not self._admit(seq, ranked, i, step):
+                self.short_of_room = True
                 break
         # What this step passed over, best-ranked first: the fleet may place it on another node.
         self.passed_over = [s for s in ranked if s.state in _QUEUED] if self.waiting else []
@@ -292,6 +297,7 @@ class Scheduler:
             batch.block_slots += [seq.slot] * len(blocks)
             batch.block_ids += blocks
         self.passed_over = []
+        self.short_of_room = False
         self._lowest_stale = True
         self.stats.count("steps_decode_only")
         return self._plan(step)

@@ -181,6 +181,31 @@ def test_a_higher_priority_request_preempts_the_lowest_ranked_one_anywhere_in_th
     assert all(s.output_ids == expected_output(s.prompt_ids, s.max_tokens) for s in (mid, low, high))
 
 
+def test_a_request_that_only_waits_for_its_nodes_step_budget_preempts_nobody_elsewhere() -> None:
+    """Its node has a batch place for it, and the step's tokens go to a long prompt ranked above it: it
+    runs there within a few steps, so moving it to preempt a lower-ranked request on another node would
+    only churn."""
+    fleet, executors = make_fleet(2, max_running=2, max_step_tokens=16, policy="priority")
+    lows = [seq(f"low{i}", prompt_len=4, max_tokens=30, priority=0) for i in range(2)]
+    node1 = fleet.nodes[1].scheduler
+    assert node1 is not None
+    for s in lows:
+        node1.add(s)
+    long = seq("long", prompt_len=96, max_tokens=3, priority=5)
+    later = seq("later", prompt_len=4, max_tokens=3, priority=4)
+    node0 = fleet.nodes[0].scheduler
+    assert node0 is not None
+    node0.add(long)
+    node0.add(later)
+    step_all(fleet, executors)  # long's prefill takes the whole budget: later is passed over, for budget
+    assert later in node0.passed_over and not node0.short_of_room
+    assert where(fleet, later) == 0 and all(s.preemptions == 0 for s in lows)
+    run(fleet, executors, long, later)
+    assert where(fleet, lows[0]) == 1 and all(s.preemptions == 0 for s in lows)
+    assert later.output_ids == expected_output(later.prompt_ids, 3)
+    run(fleet, executors, *lows)
+
+
 def test_a_lost_nodes_requests_recompute_on_the_others_and_complete_token_identical() -> None:
     fleet, executors = make_fleet(3)
     seqs = [seq(f"r{i}", prompt_len=5, max_tokens=20) for i in range(9)]
