@@ -142,21 +142,24 @@ class ExecutorLink:
             except grpc.aio.AioRpcError as err:
                 call.cancel()
                 await self.on_fault(err)
+            except Exception as exc:  # noqa: BLE001 - a bug on this side of the step must not stop the node
+                call.cancel()
+                log.exception("step_loop_error", node=self.node.index)
+                self.scheduler.stats.count("step_loop_errors")
+                self._faults_in_a_row += 1
+                self._lost_since = self._lost_since or time.monotonic()
+                await self._replay(f"scheduler error: {type(exc).__name__}: {exc}")
 
     # -- faults -----------------------------------------------------------------------------------
 
     async def on_fault(self, err: grpc.aio.AioRpcError) -> None:
         """A step broke: classify it (failing or lost executor) and decide retry, failing requests, or
         reconnecting. Returns when a new stream may be opened."""
-        sched = self.scheduler
         self._faults_in_a_row += 1
         self._lost_since = self._lost_since or time.monotonic()
         if err.code() in FAILED_STEP:  # failing: alive, the model raised; replay here, fail a repeat
-            sched.on_executor_lost()  # the executor forgot its requests: they recompute
-            sched.stats.count("failed_steps")
-            self._fail_repeated_step(err.details() or err.code().name)
-            self._fail_if_lost_too_long()  # failures that never repeat exactly still end
-            await asyncio.sleep(self._backoff())
+            self.scheduler.stats.count("failed_steps")
+            await self._replay(err.details() or err.code().name)
             return
         log.warning("executor_lost", node=self.node.index, code=err.code().name, details=err.details())
         self._lost()
@@ -164,6 +167,14 @@ class ExecutorLink:
         await asyncio.sleep(self._backoff())
         self._attach(await self._describe())
         await self._attached(True)
+
+    async def _replay(self, details: str) -> None:
+        """A step failed, the node is alive (the model raised, or the scheduler's own step path did): its
+        requests recompute on a new stream and the step is replayed; the same failure twice fails them."""
+        self.scheduler.on_executor_lost()  # a new stream: the executor forgets its requests, they recompute
+        self._fail_repeated_step(details)
+        self._fail_if_lost_too_long()  # failures that never repeat exactly still end
+        await asyncio.sleep(self._backoff())
 
     def _fail_repeated_step(self, details: str) -> None:
         """Once: the step is replayed, it may pass. The same failure on the same requests twice in a row:
@@ -291,13 +302,13 @@ class ExecutorLink:
                 raise _unavailable(f"a step took longer than --step-timeout {self.config.step_timeout_s:g}s") from None
             if result is grpc.aio.EOF:
                 raise _unavailable("executor closed")
-            self._on_step_done()
             produced_ns = time.time_ns()
             output = StepOutput.from_proto(result)
             sched.stats.count("forward_s", output.forward_ns / 1e9)
             sched.stats.count("sample_s", output.sample_ns / 1e9)
             self.node.steps += 1
             self._on_tokens(self.node, sched.on_step_output(output), produced_ns)
+            self._on_step_done()  # (after the output is applied: an error applying it is a failed step too)
 
     async def _send_swaps(self, orders: list[SwapOrder]) -> None:
         sched = self.scheduler

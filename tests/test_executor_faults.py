@@ -201,3 +201,27 @@ def test_requests_fail_unavailable_when_no_step_succeeds_for_the_executor_timeou
     assert len(h.failed) == 1 and h.failed[0][0] == ["r0", "r1"] and isinstance(h.failed[0][1], Unavailable)
     assert "--executor-timeout" in str(h.failed[0][1])
     assert all(r.finish is Finish.ERROR for r in reqs)
+
+
+def test_an_error_in_the_schedulers_own_step_path_is_replayed_once_then_fails_only_its_requests() -> None:
+    """A bug on the scheduler's side of a step (here: applying a step's output raises whenever `bad` is in
+    it) must not stop the node: the step is replayed, the repeat fails only the requests in it, the others
+    complete."""
+    stub = _Stub(lambda plan, n: None)
+    h = _Harness(stub, max_running=1)
+    bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
+    apply = h.scheduler.on_step_output
+
+    def on_step_output(output: Any) -> Any:
+        if bad.state.value == "running" and not bad.finished:
+            raise KeyError("bad")
+        return apply(output)
+
+    h.scheduler.on_step_output = on_step_output  # type: ignore[method-assign]
+    h.scheduler.add(bad)
+    h.scheduler.add(good)
+    asyncio.run(h.run_until(lambda: bad.finished and good.finished))
+    assert [(ids, type(err)) for ids, err in h.failed] == [(["bad"], StepFailed)]
+    assert "scheduler error: KeyError" in str(h.failed[0][1])
+    assert good.output_ids == expected_output(good.prompt_ids, 4)
+    assert h.counter("step_loop_errors") == 2 and stub.streams == 3
