@@ -28,8 +28,8 @@ DOCUMENTED = {
 # Counters that accepted requests legitimately move (work done, time passing); every other figure
 # (free blocks, live, queued, kept conversations and their KV, swaps in flight, ...) must come back.
 WORK = {
-    "prompt_tokens", "generated_tokens", "forward_s", "sample_s", "steps", "steps_without_compute", "uptime_s",
-    "swap_stall_s",
+    "prompt_tokens", "generated_tokens", "forward_s", "sample_s", "steps", "steps_without_compute", "steps_decode_only",
+    "uptime_s", "swap_stall_s",
 }  # fmt: skip
 WORK_PREFIXES = ("refused_", "finished_", "reused_", "recomputed_")
 FUZZ = settings(
