@@ -62,7 +62,12 @@ def _check_all(tokenizer, reference, prompts: list[str], results: list[object], 
 
 def test_stats_lists_every_node_with_its_process_and_pools(three_nodes) -> None:
     with Client(three_nodes.addr) as client:
-        nodes = _wait_up(client, 3)
+        _wait_up(client, 3)
+        deadline = time.monotonic() + 60
+        # A node serves as soon as its executor is attached; its swap daemon's stream attaches right after.
+        while not all((nodes := _nodes(client))[i]["host_blocks_total"] for i in range(3)):
+            assert time.monotonic() < deadline, f"a swap daemon never attached: {nodes}"
+            time.sleep(0.1)
     pids = {p.pid for name, p in three_nodes.named.items() if name.startswith("executor")}
     assert {n["pid"] for n in nodes} == pids
     assert [n["addr"] for n in nodes] == [f"127.0.0.1:{three_nodes.config.node_ports(i)[0]}" for i in range(3)]
