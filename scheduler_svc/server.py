@@ -158,9 +158,7 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
     async def RegisterNode(
         self, request: api_pb2.RegisterNodeRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.RegisterNodeResponse:
-        principal = auth.current_principal.get()
-        if principal is not None and not principal.admin:
-            raise PermissionDeniedError("a node joins the fleet with an admin key (executor --register-api-key)")
+        _require_admin("a node joins the fleet with an admin key (executor --register-api-key)")
         text = f"{request.executor_addr},{request.swapd_addr}" if request.swapd_addr else request.executor_addr
         try:
             address = NodeAddress.parse(text)
@@ -174,7 +172,12 @@ class FastSwitchServicer(api_pb2_grpc.FastSwitchServicer):
     async def GetMetrics(
         self, request: api_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
     ) -> api_pb2.GetMetricsResponse:
-        principal = auth.current_principal.get()
-        if principal is not None and not principal.admin:
-            raise PermissionDeniedError("the metrics cover every tenant: they need an admin key")
+        _require_admin("the metrics cover every tenant: they need an admin key")
         return api_pb2.GetMetricsResponse(text=self.engine.metrics.exposition().decode())
+
+
+def _require_admin(why: str) -> None:
+    """PERMISSION_DENIED (saying `why`) unless the caller has an admin key or the stack is open."""
+    principal = auth.current_principal.get()
+    if principal is not None and not principal.admin:
+        raise PermissionDeniedError(why)

@@ -115,15 +115,21 @@ class _Harness:
         return self.scheduler.stats.counter(name)
 
 
+def _bad_and_good(h: _Harness) -> tuple[Sequence, Sequence]:
+    """Two requests queued in this order: `bad` (the one a test makes fail) and `good`."""
+    bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
+    h.scheduler.add(bad)
+    h.scheduler.add(good)
+    return bad, good
+
+
 def test_a_step_that_fails_twice_the_same_way_fails_its_requests_with_internal_and_the_rest_go_on() -> None:
     def fault(plan: StepPlan, n: int) -> grpc.aio.AioRpcError | None:
         return _error(grpc.StatusCode.INTERNAL, "boom") if "bad" in stub.executor.request_ids(plan) else None
 
     stub = _Stub(fault)
     h = _Harness(stub, max_running=1)
-    bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
-    h.scheduler.add(bad)
-    h.scheduler.add(good)
+    bad, good = _bad_and_good(h)
     asyncio.run(h.run_until(lambda: bad.finished and good.finished))
     assert [(ids, type(err)) for ids, err in h.failed] == [(["bad"], StepFailed)]
     assert StepFailed("x").code is grpc.StatusCode.INTERNAL and "failed twice" in str(h.failed[0][1])
@@ -143,9 +149,7 @@ def test_a_step_failing_on_a_packed_decode_names_that_request() -> None:
 
     stub = _Stub(fault)
     h = _Harness(stub, max_running=1)
-    bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
-    h.scheduler.add(bad)
-    h.scheduler.add(good)
+    bad, good = _bad_and_good(h)
     asyncio.run(h.run_until(lambda: bad.finished and good.finished))
     assert [(ids, type(err)) for ids, err in h.failed] == [(["bad"], StepFailed)]
     assert bad.finish is Finish.ERROR and good.output_ids == expected_output(good.prompt_ids, 4)
@@ -209,7 +213,7 @@ def test_an_error_in_the_schedulers_own_step_path_is_replayed_once_then_fails_on
     complete."""
     stub = _Stub(lambda plan, n: None)
     h = _Harness(stub, max_running=1)
-    bad, good = seq("bad", prompt_len=5, max_tokens=4), seq("good", prompt_len=5, max_tokens=4)
+    bad, good = _bad_and_good(h)
     apply = h.scheduler.on_step_output
 
     def on_step_output(output: Any) -> Any:
@@ -218,8 +222,6 @@ def test_an_error_in_the_schedulers_own_step_path_is_replayed_once_then_fails_on
         return apply(output)
 
     h.scheduler.on_step_output = on_step_output  # type: ignore[method-assign]
-    h.scheduler.add(bad)
-    h.scheduler.add(good)
     asyncio.run(h.run_until(lambda: bad.finished and good.finished))
     assert [(ids, type(err)) for ids, err in h.failed] == [(["bad"], StepFailed)]
     assert "scheduler error: KeyError" in str(h.failed[0][1])
