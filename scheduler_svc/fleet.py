@@ -24,7 +24,7 @@ Decisions across nodes are made here, in plain code without gRPC:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -170,12 +170,6 @@ class Fleet:
         return None
 
     # -- requests ---------------------------------------------------------------------------------
-
-    def live(self) -> Iterator[Sequence]:
-        """Every live request of the fleet."""
-        for node in self.nodes:
-            if node.scheduler is not None:
-                yield from node.scheduler.requests.values()
 
     def fits(self, node: Node, num_tokens: int) -> bool:
         sched = node.scheduler
