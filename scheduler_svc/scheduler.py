@@ -170,10 +170,8 @@ class Scheduler:
         the copy lands; False if it cannot (no daemon, host pool full: it stays as it is)."""
         if seq.state is not RequestState.WAITING or not seq.block_table or seq.num_computed == 0:
             return False
-        if not self.swaps.swap_out(seq):
+        if not self.swaps.swap_out(seq):  # (a queued request is not the executor's: nothing to release)
             return False
-        if seq.executor_known:  # (a queued request's table is not the executor's: kept for safety)
-            self._forget(seq)
         self._count_queued(seq)
         self.stats.count("migrations_staged")
         return True

@@ -284,7 +284,8 @@ class CopyEngine:
 
     def host_writer(self, ranges: Sequence[HostRange]) -> HostWriter:
         """A sequential writer into host ranges (checked like `host_slices`)."""
-        return HostWriter(self._host.flat if self._host is not None else None, self.host_slices(ranges))
+        slices = self.host_slices(ranges)  # (raises before the host pool exists)
+        return HostWriter(self._host.flat, slices)
 
     # --- backend hooks --------------------------------------------------------------------------
 
@@ -304,8 +305,7 @@ class CopyEngine:
 class HostWriter:
     """Bytes arriving in order (another daemon's host blocks), written into host slices in order."""
 
-    def __init__(self, flat: np.ndarray | None, slices: list[tuple[int, int]]) -> None:
-        assert flat is not None
+    def __init__(self, flat: np.ndarray, slices: list[tuple[int, int]]) -> None:
         self.flat = flat
         self.slices = slices
         self.expected = sum(n for _, n in slices)
