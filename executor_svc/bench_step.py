@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         device=args.device,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
+        fused_ops=args.fused_ops,
         cpu_linear=args.cpu_linear,
         block_size=bs,
         device_blocks=blocks,
@@ -137,6 +138,13 @@ def run(args: argparse.Namespace) -> dict:
         flops = 2 * matmul_params(runner.model) * p + attn_flops
         ms = median_ms(lambda: step(prefill), device, max(1, args.repeats // 2))
         rows.append(Row(f"prefill {p} tokens", p, ms, flops / peak * 1000, "compute"))
+        if args.profile:
+            batch = batches[len(batches) // 2]
+            specs = [
+                ChunkSpec([1], args.context - 1, list(range(i * per_seq, (i + 1) * per_seq)), True)
+                for i in range(batch)
+            ]
+            profile = where_the_time_goes(lambda: step(specs), device, f"decode batch {batch}")
     finally:
         runner.close()
     return {
@@ -145,19 +153,37 @@ def run(args: argparse.Namespace) -> dict:
         "dtype": str(dtype).removeprefix("torch."),
         "attention": args.attention,
         "cuda_graphs": args.cuda_graphs,
+        "fused_ops": runner.fused_counts or "off",
         "load_format": args.load_format,
         "copy_bandwidth_gbps": bandwidth / 1e9,
         "matmul_peak_tflops": peak / 1e12,
         "weight_bytes_read": weights,
         "kv_bytes_per_token": kv_token,
         "rows": [{**asdict(r), "ratio": r.ratio} for r in rows],
+        "profile": profile if args.profile else "",
     }
+
+
+def where_the_time_goes(fn: Callable[[], object], device: torch.device, what: str, top: int = 15) -> str:
+    """The operators that took the device's (or, on a CPU, the host's) time over three steps, the
+    largest first: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            fn()
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return f"{what}, 3 steps:\n" + prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60)
 
 
 def table(result: dict) -> str:
     lines = [
         f"device {result['device']}, {result['dtype']}, attention {result['attention']}, "
-        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}; measured in this run: copy "
+        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, fused ops {result['fused_ops']}; measured in this run: copy "
         f"{result['copy_bandwidth_gbps']:.1f} GB/s, matmul {result['matmul_peak_tflops']:.2f} TFLOP/s",
         "",
         "| step | ms | floor ms | x floor | floor is | tokens/s |",
@@ -179,6 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"))
     parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--fused-ops", default="off", choices=("auto", "on", "off"), help="as the executor's flag")
     parser.add_argument("--cpu-linear", default="onednn", choices=("onednn", "dense"), help="as the executor's flag")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--batches", default="1,8,32")
@@ -187,10 +214,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--copy-mib", type=int, default=1024, help="size of the bandwidth copy")
     parser.add_argument("--matmul-n", type=int, default=8192, help="size of the peak matrix product")
+    parser.add_argument("--profile", action="store_true", help="print where a decode step's time goes (torch profiler)")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
     result = run(args)
     print(table(result))
+    if result["profile"]:
+        print(result["profile"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
 

@@ -20,6 +20,7 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 LOAD_FORMATS = ("auto", "dummy")
 ATTENTION_BACKENDS = ("sdpa", "triton")
 CPU_LINEAR = ("onednn", "dense")
+FUSED_OPS = ("auto", "on", "off")
 CPU_DEFAULT_BLOCKS = 1024  # --device-blocks 0 on a CPU: a fixed pool (nothing to size it from)
 
 
@@ -57,6 +58,11 @@ class ExecutorConfig:
     cuda_graphs: bool = setting(
         False, env="FASTSWITCH_CUDA_GRAPHS",
         help="replay decode steps from CUDA graphs per batch-size bucket (needs CUDA and --attention triton; untested)",
+    )  # fmt: skip
+    fused_ops: str = setting(
+        "off", env="FASTSWITCH_FUSED_OPS", choices=FUSED_OPS,
+        help="merged QKV and gate/up products, RMSNorm, rotary and SiLU x up as one kernel each (Triton); "
+        "auto: on for bfloat16/float16 on CUDA; on: also elsewhere (a CPU runs the kernels interpreted: tests)",
     )  # fmt: skip
     host: str = bind_host_setting()
     tls_cert: str = tls_cert_setting()
@@ -99,6 +105,8 @@ class ExecutorConfig:
             raise ValueError(f"cpu linear must be one of {', '.join(CPU_LINEAR)}, got {self.cpu_linear!r}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.fused_ops not in FUSED_OPS:
+            raise ValueError(f"fused ops must be one of {', '.join(FUSED_OPS)}, got {self.fused_ops!r}")
         if self.cuda_graphs and self.attention != "triton":
             raise ValueError("--cuda-graphs needs --attention triton (the sdpa path gathers padded KV per step)")
         validate_tls(self.tls_cert, self.tls_key)

@@ -12,9 +12,11 @@ the only host synchronisation is reading the sampled ids back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -60,17 +62,27 @@ class ModelRunner:
             torch.set_num_threads(config.resolved_threads)
             if config.cuda_graphs:
                 raise ValueError("--cuda-graphs needs a CUDA device")
-        if self.device.type == "cpu" and config.attention == "triton":
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        # --fused-ops auto: half precision on CUDA (fp32 keeps the model's own code: token identity)
+        half = self.dtype in (torch.bfloat16, torch.float16)
+        self.fused = config.fused_ops == "on" or (config.fused_ops == "auto" and self.is_cuda and half)
+        if self.device.type == "cpu" and (config.attention == "triton" or self.fused):
             # Triton compiles for GPUs only; on a CPU its interpreter runs the kernels (slowly: tests).
             # It must be chosen before triton is first imported.
             if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("--attention triton on a CPU needs TRITON_INTERPRET=1 set before triton is imported")
+                raise RuntimeError("Triton on a CPU (--attention triton, --fused-ops on) needs TRITON_INTERPRET=1 set before triton is imported")
             os.environ["TRITON_INTERPRET"] = "1"
-            log.warning("triton_interpreter", reason="--attention triton on a CPU runs Triton's interpreter (slow)")
+            log.warning("triton_interpreter", reason="Triton kernels on a CPU run in Triton's interpreter (slow)")
         self.model_dir = resolve_model(config.model)
-        self.dtype = resolve_dtype(config.dtype, self.device)
         self.model = load_model(self.model_dir, self.dtype, self.device, config.load_format)
         self.model.set_attn_implementation(paged_attention.ATTN_IMPLEMENTATION)
+        self.fused_counts: dict[str, int] = {}
+        self._fused_scope: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        if self.fused:
+            from executor_svc import fused_ops
+
+            self.fused_counts = fused_ops.fuse_model(self.model)
+            self._fused_scope = fused_ops.active
         self.packed_linears = 0
         if self.device.type == "cpu" and config.cpu_linear == "onednn":
             self.packed_linears = pack_linears(self.model)
@@ -108,6 +120,7 @@ class ModelRunner:
             load_format=config.load_format,
             attention=self.attention,
             cuda_graphs=self.graphs is not None,
+            fused_ops=self.fused_counts or "off",
             packed_linears=self.packed_linears,
             layers=self.num_layers,
             kv_heads=self.num_kv_heads,
@@ -226,7 +239,7 @@ class ModelRunner:
     def run_model(self, attn: StepAttention, logits_to_keep: torch.Tensor | int) -> torch.Tensor:
         """The model's own forward over the step (eager, or while a CUDA graph captures it)."""
         attn.meta.derived.clear()  # built from this step's metadata by the first layer
-        with torch.inference_mode():
+        with torch.inference_mode(), self._fused_scope():
             return self.model(
                 input_ids=attn.meta.input_ids,
                 position_ids=attn.meta.positions,

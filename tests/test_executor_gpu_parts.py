@@ -146,7 +146,7 @@ def test_swap_daemon_reads_the_executor_pool_at_its_offset_through_cuda_ipc() ->
         stdout=subprocess.PIPE,
         text=True,
         cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))},
     )
     try:
         assert child.stdout is not None

@@ -277,3 +277,32 @@ def test_packed_decodes_give_the_tokens_of_the_same_decodes_as_chunks(sdpa_runne
     as_chunks = _greedy_run(sdpa_runner, "chunk-", first_block=0, packed=False)
     packed = _greedy_run(sdpa_runner, "packed-", first_block=20, packed=True)
     assert packed == as_chunks and all(len(t) == 5 for t in packed.values())
+
+
+def test_fused_ops_give_the_logits_of_the_models_own_code(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
+    """`--fused-ops on` (merged QKV and gate/up, Triton RMSNorm, rotary, SiLU x up; interpreted here),
+    eager and on the padded static buffers the CUDA-graph path replays."""
+    pytest.importorskip("triton")
+    from executor_svc.cuda_graphs import DecodeGraphs
+
+    assert sdpa_runner.fused is False and sdpa_runner.fused_counts == {}
+    runner = make_runner(tiny_dir, fused_ops="on")
+    try:
+        counts = runner.fused_counts
+        assert (counts["qkv"], counts["gate_up"], counts["rms_norm"]) == (2, 2, 5), counts
+        want = reference_logits(sdpa_runner)
+        assert_same(run_scenario(runner), want, atol=1e-4)
+        graphs = DecodeGraphs(runner, capture=False, buckets=(4,), table_width=8)
+        assert_same(run_scenario(runner, decode_via=graphs.run), want, atol=1e-4)
+    finally:
+        runner.close()
+
+
+def test_fused_ops_auto_keeps_fp32_and_cpus_on_the_models_own_code(tiny_dir: str) -> None:
+    with pytest.raises(ValueError, match="fused ops must be one of"):
+        ExecutorConfig(fused_ops="yes").validate()
+    runner = make_runner(tiny_dir, fused_ops="auto", dtype="bfloat16")
+    try:
+        assert runner.fused is torch.cuda.is_available() and (runner.fused_counts != {}) is runner.fused
+    finally:
+        runner.close()
