@@ -27,13 +27,19 @@ def prompts_of(count: int) -> list[str]:
     return [f"{lines[i % len(lines)]} (#{i})" for i in range(count)]
 
 
-async def _stack_batch(addr: str, prompts: list[str], new_tokens: int) -> tuple[float, list[int], list[int]]:
+STEP_STATS = ("steps", "forward_s", "sample_s")
+
+
+async def _stack_batch(addr: str, prompts: list[str], new_tokens: int) -> tuple[float, list[int], list[int], dict]:
     async with AsyncClient(addr, timeout=1800) as client:
         await client.complete(prompts[0], max_tokens=2, ignore_eos=True)  # warm-up (first-step costs)
+        before = await client.stats()
         start = time.perf_counter()
         done = await asyncio.gather(*(client.complete(p, max_tokens=new_tokens, ignore_eos=True) for p in prompts))
         wall = time.perf_counter() - start
-    return wall, [len(c.token_ids) for c in done], [c.prompt_tokens for c in done]
+        after = await client.stats()
+    steps = {k: after.get(k, 0) - before.get(k, 0) for k in STEP_STATS}
+    return wall, [len(c.token_ids) for c in done], [c.prompt_tokens for c in done], steps
 
 
 def run_stack(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
@@ -48,7 +54,7 @@ def run_stack(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
     stack = Stack(config, log_dir=tempfile.mkdtemp(prefix="fastswitch-closed-"))
     stack.start(timeout_s=900)
     try:
-        wall, generated, prompt_tokens = asyncio.run(_stack_batch(stack.addr, prompts, args.new_tokens))
+        wall, generated, prompt_tokens, steps = asyncio.run(_stack_batch(stack.addr, prompts, args.new_tokens))
     finally:
         stack.stop()
     return {
@@ -57,6 +63,12 @@ def run_stack(args: argparse.Namespace, prompts: list[str]) -> dict[str, Any]:
         "generated_tokens": sum(generated),
         "prompt_tokens": prompt_tokens,
         "tokens_per_s": sum(generated) / wall,
+        # Where a step's wall time goes: the executor's forward and sampling, and the rest (the
+        # scheduler, the gRPC hop, streaming: what overlapping steps would hide).
+        "steps": steps["steps"],
+        "ms_per_step": 1000 * wall / max(1, steps["steps"]),
+        "forward_ms_per_step": 1000 * steps["forward_s"] / max(1, steps["steps"]),
+        "sample_ms_per_step": 1000 * steps["sample_s"] / max(1, steps["steps"]),
     }
 
 
@@ -91,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"prompts": args.prompts, "new_tokens": args.new_tokens, "fastswitch": ours}
     print(
         f"fastswitch: {ours['generated_tokens']} tokens in {ours['wall_s']:.2f} s = {ours['tokens_per_s']:,.0f} tok/s "
-        f"(prompts of {min(ours['prompt_tokens'])}-{max(ours['prompt_tokens'])} tokens)",
+        f"(prompts of {min(ours['prompt_tokens'])}-{max(ours['prompt_tokens'])} tokens); {ours['steps']:.0f} steps of "
+        f"{ours['ms_per_step']:.2f} ms: forward {ours['forward_ms_per_step']:.2f}, sampling "
+        f"{ours['sample_ms_per_step']:.2f}, the rest outside the executor's step",
         flush=True,
     )
     if not args.skip_peer:

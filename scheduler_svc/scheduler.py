@@ -521,6 +521,16 @@ class Scheduler:
         self.swaps.attach(num_host_blocks)
         self.swaps.release_quarantine()
 
+    def expire_quarantine(self, now: float | None = None) -> bool:
+        """The daemon did not re-attach within QUARANTINE_S of its stream breaking: the blocks under its
+        last copies are free again (swap_manager.QUARANTINE_S says why that is safe); True if any were."""
+        if not self.swaps.quarantine_expired(now):
+            return False
+        log.warning("quarantine_expired", blocks=len(self.swaps.quarantined))
+        self.swaps.release_quarantine()
+        self._recount_queued()
+        return True
+
     def take_swap_orders(self) -> list[SwapOrder]:
         """The copies decided since the last call, now in flight (the engine sends them)."""
         return self.swaps.take_orders()

@@ -19,6 +19,7 @@ target's pull, which reads them through this node's daemon; they are freed when 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,6 +29,13 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.sequence import RequestState, Sequence
 from scheduler_svc.stats import Stats
 from svc_common.swap import BlockRun, Direction, Granularity
+
+# How long device blocks under the copies of a broken daemon stream stay out of use when the daemon
+# does not re-attach. A live daemon finishes those copies before it detaches (each moves one block
+# group: milliseconds); a dead one writes nothing. Without a bound, a daemon that is down for good
+# would cost its in-flight blocks for ever, and a request that needs the whole pool would wait for
+# ever (a 6-block pool lost 3). The one case it does not cover: a daemon frozen mid-copy for longer.
+QUARANTINE_S = 10.0
 
 if TYPE_CHECKING:
     from scheduler_svc.conversations import KeptKV
@@ -106,6 +114,7 @@ class SwapManager:
         # Device blocks of copies that were in flight when the daemon's stream broke: the daemon may
         # still be writing them, so nobody owns them and nobody may allocate them until it is safe.
         self.quarantined: list[int] = []
+        self.quarantined_at = 0.0  # time.monotonic() of the last break that quarantined blocks
         self.loans: list[HostLoan] = []  # host blocks lent to pulls from other nodes
 
     # -- the daemon -------------------------------------------------------------------------------
@@ -122,6 +131,7 @@ class SwapManager:
         """Keep a failed in-flight copy's device blocks out of use (the order no longer frees them)."""
         self.quarantined += order.device_blocks
         order.device_blocks = []
+        self.quarantined_at = time.monotonic()
 
     def release_quarantine(self) -> None:
         """No copy of a broken stream can still touch the device pool (a new attachment, or a new
@@ -130,6 +140,11 @@ class SwapManager:
             self.blocks.free(self.quarantined)
             self.stats.count("quarantined_blocks_released", len(self.quarantined))
             self.quarantined = []
+
+    def quarantine_expired(self, now: float | None = None) -> bool:
+        """Whether quarantined blocks have waited QUARANTINE_S for a re-attachment that did not come."""
+        now = time.monotonic() if now is None else now
+        return bool(self.quarantined) and now - self.quarantined_at >= QUARANTINE_S
 
     def detach(self) -> list[SwapOrder]:
         """The daemon is gone: returns every order, decided or in flight, for its owner to fail.

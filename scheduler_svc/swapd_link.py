@@ -126,6 +126,8 @@ class SwapDaemonLink:
                         log.warning("swap_daemon_lost", code=err.code().name, details=err.details())
                     self._lost()
                     await asyncio.sleep(RECONNECT_DELAY_S)
+                    if self.scheduler.expire_quarantine():
+                        self._changed()
         finally:
             await channel.close()
 

@@ -53,7 +53,10 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def make_runner(model: str, **overrides: object) -> ModelRunner:
-    config = ExecutorConfig(model=model, load_format="dummy", device_blocks=64, block_size=BLOCK, threads=2)
+    """fp32 (the comparisons are tight), on the GPU where there is one (device auto)."""
+    config = ExecutorConfig(
+        model=model, load_format="dummy", device_blocks=64, block_size=BLOCK, threads=2, dtype="float32"
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     return ModelRunner(config)
@@ -115,7 +118,7 @@ def reference_logits(runner: ModelRunner) -> dict[str, list[torch.Tensor]]:
         for name, prompt in SEQS.items():
             ids = prompt + DECODED[name]
             with torch.inference_mode():
-                logits = model(torch.tensor([ids])).logits[0].float()
+                logits = model(torch.tensor([ids], device=runner.device)).logits[0].float()
             want[name] = [logits[len(prompt) - 1 + i] for i in range(len(DECODED[name]) + 1)]
         return want
     finally:
@@ -177,11 +180,15 @@ def test_pool_has_a_scratch_block_past_the_ones_the_scheduler_owns(sdpa_runner: 
     pool = sdpa_runner.pool
     assert pool.num_blocks == 64 and pool.scratch_block == 64
     assert pool.tensor.shape[0] == 65
-    assert pool.handle.startswith("shm:")
+    assert pool.handle.startswith("cuda-ipc:" if sdpa_runner.is_cuda else "shm:")
 
 
-def test_dtype_auto_is_float32_on_cpu_and_bfloat16_can_be_asked_for(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
-    assert sdpa_runner.dtype == torch.float32 and sdpa_runner.pool.tensor.dtype == torch.float32
+def test_dtype_auto_is_float32_on_cpu_and_bfloat16_can_be_asked_for(tiny_dir: str) -> None:
+    runner = make_runner(tiny_dir, dtype="auto", device="cpu")
+    try:
+        assert runner.dtype == torch.float32 and runner.pool.tensor.dtype == torch.float32
+    finally:
+        runner.close()
     runner = make_runner(tiny_dir, dtype="bfloat16")
     try:
         assert runner.pool.tensor.dtype == torch.bfloat16
@@ -200,7 +207,7 @@ def test_a_config_only_directory_needs_dummy_weights(tiny_dir: str) -> None:
 def test_device_blocks_zero_on_cpu_gives_the_fixed_cpu_pool(tiny_dir: str) -> None:
     from executor_svc.config import CPU_DEFAULT_BLOCKS
 
-    runner = make_runner(tiny_dir, device_blocks=0)
+    runner = make_runner(tiny_dir, device_blocks=0, device="cpu")
     try:
         assert runner.pool.num_blocks == CPU_DEFAULT_BLOCKS
     finally:
@@ -220,6 +227,8 @@ def test_cpu_linear_layers_are_packed_and_agree_with_dense_ones(tiny_dir: str, s
 
     if not onednn_available():
         pytest.skip("this torch has no oneDNN")
+    if sdpa_runner.is_cuda:
+        pytest.skip("oneDNN packing is for CPU runners (this machine's runners use its GPU)")
     model = sdpa_runner.model
     packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
     assert sdpa_runner.packed_linears == len(packed) == 2 * 7 + 1  # q k v o gate up down per layer, the LM head

@@ -114,11 +114,12 @@ def test_killing_the_swap_daemon_mid_run_falls_back_to_recompute_and_completes(m
         assert stats["swap_daemon_lost"] >= 1, stats
         assert_match_generate(reference, tokenizer, prompts, results)
         # Device blocks under a copy the daemon may still have been running when its stream broke stay
-        # quarantined (the daemon could write them yet); nothing else is missing.
+        # quarantined (the daemon could write them yet) for up to QUARANTINE_S; nothing else is missing.
+        # (Without that bound, a request needing the blocks held there waited for ever: a CI hang.)
         quarantined = stats["device_blocks_quarantined"]
         assert stats["device_blocks_free"] + quarantined == stats["device_blocks_total"], stats
         # The daemon's restart (what `up` and a container runtime do) re-attaches it, which proves it
-        # writes no old copy: the quarantined blocks come back and both pools are exactly full.
+        # writes no old copy: any blocks still quarantined come back and both pools are exactly full.
         deadline = time.monotonic() + 60
         while not stack.supervise():
             assert time.monotonic() < deadline, "the swap daemon was not restarted"
@@ -127,7 +128,6 @@ def test_killing_the_swap_daemon_mid_run_falls_back_to_recompute_and_completes(m
             while (stats := client.stats()).get("host_blocks_total") is None or stats["device_blocks_quarantined"]:
                 assert time.monotonic() < deadline, f"the restarted daemon did not attach: {stats}"
                 time.sleep(0.1)
-        assert stats.get("quarantined_blocks_released", 0) == quarantined, stats
         assert stats["device_blocks_free"] == stats["device_blocks_total"]
         assert stats["host_blocks_free"] == stats["host_blocks_total"] == TINY["host_blocks"]
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -9,7 +11,7 @@ from scheduler_svc.config import SchedulerConfig
 from scheduler_svc.conversations import KeptKV
 from scheduler_svc.scheduler import Scheduler
 from scheduler_svc.sequence import Finish, Sequence
-from scheduler_svc.swap_manager import SwapOrder
+from scheduler_svc.swap_manager import QUARANTINE_S, SwapOrder
 from svc_common.plan import Sampling, ScheduledChunk, StepOutput, StepPlan
 from svc_common.swap import Direction, Granularity
 from tests.conftest import FakeClock
@@ -421,7 +423,10 @@ def test_failed_copies_and_a_lost_daemon_recompute_every_affected_request() -> N
     # The blocks under those copies stay quarantined (the daemon may still write them) until it attaches again.
     assert set(sched2.swaps.quarantined) == under_copy
     assert sched2.blocks.num_free == 7 - len(under_copy)
-    sched2.attach_host_pool(32)
+    # ... or, when it does not come back, until QUARANTINE_S have passed (a dead daemon writes nothing;
+    # a live one ends those copies within milliseconds): a daemon down for good costs no capacity.
+    assert not sched2.expire_quarantine(), "too early: the daemon may come back and end those copies"
+    assert sched2.expire_quarantine(now=time.monotonic() + QUARANTINE_S)
     assert sched2.blocks.num_free == 7 and not sched2.swaps.quarantined
 
 
