@@ -183,7 +183,8 @@ def where_the_time_goes(fn: Callable[[], object], device: torch.device, what: st
 def table(result: dict) -> str:
     lines = [
         f"device {result['device']}, {result['dtype']}, attention {result['attention']}, "
-        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, fused ops {result['fused_ops']}; measured in this run: copy "
+        f"CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, fused ops {result['fused_ops']}; "
+        "measured in this run: copy "
         f"{result['copy_bandwidth_gbps']:.1f} GB/s, matmul {result['matmul_peak_tflops']:.2f} TFLOP/s",
         "",
         "| step | ms | floor ms | x floor | floor is | tokens/s |",

@@ -162,9 +162,7 @@ def _rotary_kernel(
     tl.store(dst + HALF_DIM + d, hi.to(dt), mask=mask)
 
 
-def rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of q [B, Hq, T, D] and k [B, Hk, T, D] with cos/sin [B, T, D], one launch."""
     batch, q_heads, tokens, dim = q.shape
     cos, sin = cos.expand(batch, tokens, dim), sin.expand(batch, tokens, dim)

@@ -70,7 +70,10 @@ class ModelRunner:
             # Triton compiles for GPUs only; on a CPU its interpreter runs the kernels (slowly: tests).
             # It must be chosen before triton is first imported.
             if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-                raise RuntimeError("Triton on a CPU (--attention triton, --fused-ops on) needs TRITON_INTERPRET=1 set before triton is imported")
+                raise RuntimeError(
+                    "Triton on a CPU (--attention triton, --fused-ops on) needs TRITON_INTERPRET=1 set before "
+                    "triton is imported"
+                )
             os.environ["TRITON_INTERPRET"] = "1"
             log.warning("triton_interpreter", reason="Triton kernels on a CPU run in Triton's interpreter (slow)")
         self.model_dir = resolve_model(config.model)

@@ -80,7 +80,11 @@ def run_peer(args: argparse.Namespace, prompt_ids: list[list[int]]) -> dict[str,
     device = pick_device("auto")
     model = load_model(Path(args.model_dir), resolve_dtype(args.dtype, device), device, args.load_format)
     result = peer.run_transformers_cb(args.model_dir, prompt_ids, args.new_tokens, model=model)
-    return {"wall_s": result.wall_s, "generated_tokens": result.generated_tokens, "tokens_per_s": result.throughput_tok_s}
+    return {
+        "wall_s": result.wall_s,
+        "generated_tokens": result.generated_tokens,
+        "tokens_per_s": result.throughput_tok_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-peer", action="store_true", help="the stack only")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
-    from svc_common.model_source import resolve_model
     from transformers import AutoTokenizer
+
+    from svc_common.model_source import resolve_model
 
     args.model_dir = str(resolve_model(args.model))
     prompts = prompts_of(args.prompts)
