@@ -168,6 +168,7 @@ def test_triton_backend_matches_sdpa_eager_and_padded(tiny_dir: str, sdpa_runner
 
     runner = make_runner(tiny_dir, attention="triton")
     try:
+        runner._compile_kernels()  # (on a GPU at start-up: every variant, over free blocks of the pool)
         want = reference_logits(sdpa_runner)
         assert_same(run_scenario(runner), want, atol=1e-4)
         graphs = DecodeGraphs(runner, capture=False, buckets=(4,), table_width=8)
