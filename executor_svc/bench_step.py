@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "triton"))
     parser.add_argument("--cuda-graphs", action="store_true")
-    parser.add_argument("--fused-ops", default="off", choices=("auto", "on", "off"), help="as the executor's flag")
+    parser.add_argument("--fused-ops", default="auto", choices=("auto", "on", "off"), help="as the executor's flag")
     parser.add_argument("--cpu-linear", default="onednn", choices=("onednn", "dense"), help="as the executor's flag")
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--batches", default="1,8,32")

@@ -53,14 +53,14 @@ class ExecutorConfig:
     )  # fmt: skip
     attention: str = setting(
         "sdpa", env="FASTSWITCH_ATTENTION", choices=ATTENTION_BACKENDS,
-        help="sdpa: torch, gathers KV (the CPU path); triton: kernels over the paged pool in place (GPU; untested)",
+        help="sdpa: torch, gathers KV (the CPU path); triton: kernels over the paged pool in place (GPU; opt-in)",
     )  # fmt: skip
     cuda_graphs: bool = setting(
         False, env="FASTSWITCH_CUDA_GRAPHS",
-        help="replay decode steps from CUDA graphs per batch-size bucket (needs CUDA and --attention triton; untested)",
+        help="replay decode steps from CUDA graphs per batch-size bucket (needs CUDA and --attention triton; opt-in)",
     )  # fmt: skip
     fused_ops: str = setting(
-        "off", env="FASTSWITCH_FUSED_OPS", choices=FUSED_OPS,
+        "auto", env="FASTSWITCH_FUSED_OPS", choices=FUSED_OPS,
         help="merged QKV and gate/up products, RMSNorm, rotary and SiLU x up as one kernel each (Triton); "
         "auto: on for bfloat16/float16 on CUDA; on: also elsewhere (a CPU runs the kernels interpreted: tests)",
     )  # fmt: skip

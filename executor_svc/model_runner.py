@@ -51,6 +51,7 @@ class _RequestState:
     sampling: Sampling
     block_table: list[int]
     slot: int = 0  # its name in the plans' DecodeBatch
+    last_token: int = -1  # what it sampled in the last step that sampled it (-1: none yet)
 
 
 class ModelRunner:
@@ -170,11 +171,17 @@ class ModelRunner:
             state.block_table.extend(chunk.new_block_ids)
         decodes = plan.decodes
         try:
-            for slot, block in zip(decodes.block_slots, decodes.block_ids, strict=True):
-                self.slots[slot].block_table.append(block)
             decoding = [self.slots[slot] for slot in decodes.slots]
+            growing = [self.slots[slot] for slot in decodes.block_slots]
         except KeyError as err:
             raise ValueError(f"plan step {plan.step_id} names unknown slot {err.args[0]}") from None
+        inputs = decodes.token_ids
+        if decodes.previous_tokens:  # planned while the last step ran: feed what that step sampled
+            inputs = [state.last_token for state in decoding]
+            if -1 in inputs:
+                raise ValueError(f"plan step {plan.step_id} feeds previous tokens to a slot that has sampled none")
+        for state, block in zip(growing, decodes.block_ids, strict=True):
+            state.block_table.append(block)
         if not plan.chunks and not decoding:
             return StepOutput(plan.step_id, [])
 
@@ -200,7 +207,7 @@ class ModelRunner:
         ]
         specs += [
             ChunkSpec([token], position, state.block_table, True)
-            for state, token, position in zip(decoding, decodes.token_ids, decodes.positions, strict=True)
+            for state, token, position in zip(decoding, inputs, decodes.positions, strict=True)
         ]
         logits = self.forward(specs)
         t1 = time.perf_counter_ns()
@@ -216,6 +223,10 @@ class ModelRunner:
             else []
         )
         t2 = time.perf_counter_ns()
+        for c, token in zip(sampled, tokens[: len(sampled)], strict=True):
+            self.requests[c.request_id].last_token = token
+        for state, token in zip(decoding, tokens[len(sampled) :], strict=True):
+            state.last_token = token
         return StepOutput(
             plan.step_id,
             [(c.request_id, tok) for c, tok in zip(sampled, tokens[: len(sampled)], strict=True)],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import cProfile
 import io
 import json
@@ -38,9 +39,13 @@ TOKEN = 7  # what every fake node "samples" (never EOS)
 class FakeNode:
     """An Execute stream answered at once: one token for every chunk that samples and every decode."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self) -> None:
+        self.answers: collections.deque[executor_pb2.StepResult] = collections.deque()  # in plan order
+        self.start(0)
+
+    def start(self, steps: int) -> None:
+        """Answer `steps` more steps (plans still unanswered from the last run come first)."""
         self.steps_left = steps
-        self.answer: executor_pb2.StepResult | None = None
         self.own_s = 0.0  # time spent building answers (the node's work, not the scheduler's)
         self.finished = asyncio.Event()
 
@@ -50,7 +55,7 @@ class FakeNode:
         for chunk in plan.chunks:
             if chunk.sample:
                 result.tokens.add(request_id=chunk.request_id, token_id=TOKEN)
-        self.answer = result
+        self.answers.append(result)
         self.own_s += time.perf_counter() - start
 
     async def read(self) -> executor_pb2.StepResult:
@@ -60,8 +65,7 @@ class FakeNode:
         self.steps_left -= 1
         if self.steps_left == 0:
             self.finished.set()
-        assert self.answer is not None
-        return self.answer
+        return self.answers.popleft()
 
     def done(self) -> bool:
         return False
@@ -122,7 +126,8 @@ async def _drive(
     _fill(fleet, nodes, running, prompt_len, max_tokens=warmup + steps + 16, tenants=tenants)
     submit_s = time.perf_counter() - start
     # Warm-up: the prompts are computed and every node decodes a full batch; not timed.
-    await _run(links, warmup)
+    fakes = [FakeNode() for _ in links]
+    await _run(links, fakes, warmup)
     # Every node full, nothing waiting (with fcfs; under fleet-wide VTC the fleet's balancing may leave a few
     # requests waiting on full nodes while others run a few short: reported, not hidden).
     scheds = [n.scheduler for n in fleet.nodes if n.scheduler is not None]
@@ -133,7 +138,7 @@ async def _drive(
     decode_only_before = fleet.stats.counter("steps_decode_only")
     planned_before = fleet.stats.counter("steps")
     start = time.perf_counter()
-    fakes = await _run(links, steps)
+    await _run(links, fakes, steps)
     wall = time.perf_counter() - start
     tokens = sum(n.scheduler.generated_tokens for n in fleet.nodes if n.scheduler) - before
     if profiler is not None:
@@ -165,15 +170,15 @@ async def _drive(
     )
 
 
-async def _run(links: list[ExecutorLink], steps: int) -> list[FakeNode]:
-    fakes = [FakeNode(steps) for _ in links]
+async def _run(links: list[ExecutorLink], fakes: list[FakeNode], steps: int) -> None:
+    for fake in fakes:
+        fake.start(steps)
     tasks = [asyncio.create_task(link.drive(fake)) for link, fake in zip(links, fakes, strict=True)]
     await asyncio.gather(*(f.finished.wait() for f in fakes))
     for task in tasks:
         while not task.done():  # again until it ends: 3.11's wait_for can swallow a cancellation
             task.cancel()
             await asyncio.wait({task}, timeout=0.1)
-    return fakes
 
 
 def _drop(node: Node, events: list[Any], produced_ns: int) -> None:

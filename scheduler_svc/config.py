@@ -124,6 +124,10 @@ class SchedulerConfig:
         True, flag="--no-kv-reuse", negate=True, env="FASTSWITCH_NO_KV_REUSE",
         help="ablation: no conversation KV across turns, no host copies across swaps",
     )  # fmt: skip
+    lookahead: bool = setting(
+        True, flag="--no-lookahead", negate=True, env="FASTSWITCH_NO_LOOKAHEAD",
+        help="one plan at a time: do not plan the next decode step while one runs (at most two in flight)",
+    )  # fmt: skip
     vtc_prompt_price: float = setting(1.0, env="FASTSWITCH_VTC_PROMPT_PRICE", help="VTC service per prompt token")
     vtc_gen_price: float = setting(2.0, env="FASTSWITCH_VTC_GEN_PRICE", help="VTC service per generated token")
     metrics_port: int = setting(

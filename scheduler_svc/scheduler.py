@@ -25,7 +25,7 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import TYPE_CHECKING
@@ -83,6 +83,15 @@ class _Step:
     blocked: bool = False
 
 
+@dataclass(slots=True)
+class InFlight:
+    """A plan sent to the executor and not answered yet."""
+
+    plan: StepPlan
+    decoding: list[Sequence]  # the requests of its DecodeBatch, in the batch's order
+    covered: bool  # it holds every request running when it was made
+
+
 class Scheduler:
     def __init__(
         self,
@@ -111,8 +120,9 @@ class Scheduler:
         self.requests: dict[str, Sequence] = {}  # every live request of this node, by id
         self.running: list[Sequence] = []  # the live requests in state RUNNING
         self.waiting: list[Sequence] = []  # every other live request
-        self.in_flight: StepPlan | None = None
-        self.in_flight_decodes: list[Sequence] = []  # the requests of the in-flight plan's DecodeBatch, in order
+        # Plans sent and not answered yet, oldest first: one, or two while a plan made ahead (`plan_ahead`)
+        # follows the running one.
+        self.in_flight: deque[InFlight] = deque()
         self.generated_tokens = 0  # tokens this node's steps produced
         self.passed_over: list[Sequence] = []  # queued requests the last step did not admit, best-ranked first
         # Whether the last walk stopped for want of room (batch cap, blocks), not of step budget: only then do
@@ -125,7 +135,6 @@ class Scheduler:
         self._lowest: Sequence | None = None  # the lowest-ranked running request at the last ranking
         self._lowest_stale = False  # the last step skipped the ranking: rank when asked
         self._steady = False  # every running request decodes: the last plan held each one, and each sampled
-        self._covered = False  # the plan in flight holds every running request
         self._releases: list[str] = []  # requests the executor must forget with the next plan
         self._step_ids = itertools.count()
         self._free_slots: list[int] = []  # (a heap) slots of requests the executor has been told to forget
@@ -413,27 +422,65 @@ class Scheduler:
             return None
         plan = StepPlan(next(self._step_ids), step.new_requests, step.chunks, self._releases, step.decodes)
         self._releases = []
-        self.in_flight = plan
-        self.in_flight_decodes = step.decoding
-        self._covered = len(step.chunks) + len(step.decoding) == len(self.running)
+        covered = len(step.chunks) + len(step.decoding) == len(self.running)
+        self.in_flight.append(InFlight(plan, step.decoding, covered))
         self.stats.count("steps")
         return plan
 
+    def plan_ahead(self) -> StepPlan | None:
+        """The next decode step, planned while the one in flight runs (`--lookahead`): the GPU then finds
+        it waiting when it ends, instead of idling while the output crosses to the scheduler, is
+        streamed, and the next plan is made and sent back. None unless nothing but decoding goes on.
+
+        Only in the steady state: the plan in flight decodes every running request and nothing else,
+        nothing waits, and no copy is decided. Its requests decode again, at the next position, fed
+        the tokens that step samples (`DecodeBatch.previous_tokens`: the executor knows them first);
+        a request the step in flight brings to max_tokens is left out. One that ends there otherwise
+        (EOS, a stop string, a cancellation) computes one token in vain, which is dropped. The walk
+        (preemption, admission, copies) runs only with nothing in flight, so no block a step in
+        flight writes is ever the target of a copy."""
+        if not self.config.lookahead or len(self.in_flight) != 1:
+            return None
+        ahead = self.in_flight[0]
+        if ahead.plan.chunks or not ahead.covered or not ahead.decoding or self.waiting or self.swaps.has_decided:
+            return None
+        bs = self.blocks.block_size
+        keep: list[Sequence] = []
+        positions: list[int] = []
+        for seq, position in zip(ahead.decoding, ahead.plan.decodes.positions, strict=True):
+            if seq.state is _RUNNING and len(seq.tokens) + 1 - seq.num_prompt < seq.max_tokens:
+                keep.append(seq)
+                positions.append(position + 1)
+        # (A request's num_computed is still the in-flight step's position: the step ahead needs room for two.)
+        grown = [(s, p) for s, p in zip(keep, positions, strict=True) if p >= len(s.block_table) * bs]
+        if not keep or len(grown) > self.blocks.num_free:
+            return None
+        batch = DecodeBatch([s.slot for s in keep], [], positions, previous_tokens=True)
+        for seq, position in grown:
+            self.blocks.reserve(seq, position + 1 - seq.num_computed)
+            blocks = self.blocks.take_unsent(seq)
+            batch.block_slots += [seq.slot] * len(blocks)
+            batch.block_ids += blocks
+        plan = StepPlan(next(self._step_ids), [], [], self._releases, batch)
+        self._releases = []
+        self.in_flight.append(InFlight(plan, keep, len(keep) == len(self.running)))
+        self.stats.count("steps")
+        self.stats.count("steps_ahead")
+        return plan
+
     def on_step_output(self, output: StepOutput) -> list[TokenEvent]:
-        """Advance every sequence of the in-flight plan; returns the tokens to stream."""
-        plan = self.in_flight
-        if plan is None or plan.step_id != output.step_id:
+        """Advance every sequence of the oldest plan in flight; returns the tokens to stream."""
+        if not self.in_flight or self.in_flight[0].plan.step_id != output.step_id:
             raise RuntimeError(f"step result {output.step_id} does not match the plan in flight")
-        decoding = self.in_flight_decodes
+        plan, decoding, steady = self.in_flight[0].plan, self.in_flight[0].decoding, self.in_flight[0].covered
         if len(output.decode_tokens) != len(decoding):
             raise RuntimeError(
                 f"step result {output.step_id} has {len(output.decode_tokens)} decode tokens, "
                 f"its plan {len(decoding)} decodes"
             )
-        self.in_flight, self.in_flight_decodes = None, []
+        self.in_flight.popleft()
         events: list[TokenEvent] = []
         served: dict[str, list[int]] = {}  # tenant -> [prompt tokens, generated tokens] this step
-        steady = self._covered
         if plan.chunks:
             steady = self._apply_chunks(plan, output, events, served) and steady
         if decoding:
@@ -593,7 +640,7 @@ class Scheduler:
     def on_executor_lost(self) -> None:
         """The executor was lost, and the device KV with it: requests whose KV was on the device
         recompute from tokens, and conversations keep only what the host holds."""
-        self.in_flight, self.in_flight_decodes = None, []
+        self.in_flight.clear()
         self._steady = False
         for seq in list(self.running):
             self.stats.count("recomputed_tokens", seq.num_computed)

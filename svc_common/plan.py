@@ -83,6 +83,9 @@ class DecodeBatch:
     positions: list[int] = field(default_factory=list)
     block_slots: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)
+    # token_ids is empty: each decode feeds the token its slot sampled in the previous step (a plan
+    # made while that step ran; the executor knows those tokens, the scheduler not yet).
+    previous_tokens: bool = False
 
     def __len__(self) -> int:
         return len(self.slots)
@@ -136,6 +139,7 @@ class StepPlan:
                 positions=d.positions,
                 block_slots=d.block_slots,
                 block_ids=d.block_ids,
+                previous_tokens=d.previous_tokens,
             )
             if d.slots
             else None,
@@ -155,7 +159,12 @@ class StepPlan:
             ],
             released_request_ids=list(msg.released_request_ids),
             decodes=DecodeBatch(
-                list(d.slots), list(d.token_ids), list(d.positions), list(d.block_slots), list(d.block_ids)
+                list(d.slots),
+                list(d.token_ids),
+                list(d.positions),
+                list(d.block_slots),
+                list(d.block_ids),
+                d.previous_tokens,
             ),
         )
 

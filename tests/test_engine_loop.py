@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 
 from test_scheduler import BLOCK, FakeExecutor, FakeSwapDaemon, expected_output, seq
 
@@ -22,14 +23,14 @@ class _Executor:
 
     def __init__(self, executor: FakeExecutor) -> None:
         self.executor = executor
-        self.result = None
+        self.results: collections.deque[object] = collections.deque()  # one per plan written (two in flight)
 
     async def write(self, plan: object) -> None:
-        self.result = self.executor.run(StepPlan.from_proto(plan)).to_proto()  # type: ignore[arg-type]
+        self.results.append(self.executor.run(StepPlan.from_proto(plan)).to_proto())  # type: ignore[arg-type]
 
     async def read(self) -> object:
         await asyncio.sleep(0)
-        return self.result
+        return self.results.popleft()
 
     def done(self) -> bool:
         return False

@@ -6,6 +6,7 @@ as lost (--step-timeout); requests fail UNAVAILABLE once no step has succeeded f
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import Callable
 from typing import Any
 
@@ -53,20 +54,21 @@ class _Stub:
 class _Call:
     def __init__(self, stub: _Stub, number: int) -> None:
         self.stub, self.number = stub, number
-        self.outcome: Any = None
+        self.outcomes: collections.deque[Any] = collections.deque()  # one per plan written, in order
 
     async def write(self, plan: object) -> None:
         step = StepPlan.from_proto(plan)  # type: ignore[arg-type]
         fault = self.stub.fault(step, self.number)
-        self.outcome = fault if fault is not None else self.stub.executor.run(step).to_proto()
+        self.outcomes.append(fault if fault is not None else self.stub.executor.run(step).to_proto())
 
     async def read(self) -> object:
         await asyncio.sleep(0)
-        if self.outcome == "hang":
+        outcome = self.outcomes.popleft()
+        if outcome == "hang":
             await asyncio.sleep(3600)
-        if isinstance(self.outcome, grpc.aio.AioRpcError):
-            raise self.outcome
-        return self.outcome
+        if isinstance(outcome, grpc.aio.AioRpcError):
+            raise outcome
+        return outcome
 
     def cancel(self) -> None:
         pass

@@ -245,9 +245,13 @@ def test_cpu_linear_layers_are_packed_and_agree_with_dense_ones(tiny_dir: str, s
         dense.close()
 
 
-def _greedy_run(runner: ModelRunner, prefix: str, first_block: int, packed: bool) -> dict[str, list[int]]:
+def _greedy_run(
+    runner: ModelRunner, prefix: str, first_block: int, packed: bool, previous: bool = False
+) -> dict[str, list[int]]:
     """Prefill three prompts, then four greedy decodes each (every sampled token fed back), the decodes
-    as chunks or packed in a DecodeBatch; a request gets a new block only when a decode crosses into it."""
+    as chunks or packed in a DecodeBatch; a request gets a new block only when a decode crosses into it.
+    With `previous`, the packed decodes after the first are planned ahead: they name no tokens and the
+    executor feeds what each slot sampled in the step before."""
     names = list(SEQS)
     rids = {n: prefix + n for n in names}
     free = iter(range(first_block, first_block + 16))
@@ -262,12 +266,14 @@ def _greedy_run(runner: ModelRunner, prefix: str, first_block: int, packed: bool
         for n in names:
             tables[n] += grow[n]
         if packed:
+            ahead = previous and step > 1
             batch = DecodeBatch(
                 slots=[0, 1, 2],
-                token_ids=[tokens[n][-1] for n in names],
+                token_ids=[] if ahead else [tokens[n][-1] for n in names],
                 positions=[positions[n] for n in names],
                 block_slots=[i for i, n in enumerate(names) for _ in grow[n]],
                 block_ids=[b for n in names for b in grow[n]],
+                previous_tokens=ahead,
             )
             out = runner.step(StepPlan(step, decodes=batch))
             assert not out.tokens
@@ -287,6 +293,18 @@ def test_packed_decodes_give_the_tokens_of_the_same_decodes_as_chunks(sdpa_runne
     as_chunks = _greedy_run(sdpa_runner, "chunk-", first_block=0, packed=False)
     packed = _greedy_run(sdpa_runner, "packed-", first_block=20, packed=True)
     assert packed == as_chunks and all(len(t) == 5 for t in packed.values())
+    ahead = _greedy_run(sdpa_runner, "ahead-", first_block=40, packed=True, previous=True)
+    assert ahead == as_chunks
+
+
+def test_a_step_planned_ahead_for_a_slot_that_never_sampled_is_refused(sdpa_runner: ModelRunner) -> None:
+    sdpa_runner.step(StepPlan(0, [NewRequest("fresh", Sampling(), slot=9)]))
+    try:
+        with pytest.raises(ValueError, match="sampled none"):
+            sdpa_runner.step(StepPlan(1, decodes=DecodeBatch([9], [], [0], [9], [60], previous_tokens=True)))
+        assert sdpa_runner.slots[9].block_table == [], "a refused plan grants no block"
+    finally:
+        sdpa_runner.step(StepPlan(2, released_request_ids=["fresh"]))
 
 
 def test_fused_ops_give_the_logits_of_the_models_own_code(tiny_dir: str, sdpa_runner: ModelRunner) -> None:

