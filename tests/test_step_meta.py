@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from executor_svc.step_meta import PREFILL_BLOCK_M, ChunkSpec, build_host_meta
+from executor_svc.step_meta import ALIGN, PREFILL_BLOCK_M, ChunkSpec, build_host_meta
 
 
 def _mixed_step() -> list[ChunkSpec]:
@@ -76,3 +76,15 @@ def test_padding_refuses_prefills_and_too_many_decodes() -> None:
         build_host_meta([ChunkSpec([1], 0, [0], True)] * 2, block_size=2, pad_decodes_to=1, table_width=2)
     with pytest.raises(ValueError, match="up to 4 decodes"):
         build_host_meta([ChunkSpec([1, 2], 0, [0], True)], block_size=2, pad_decodes_to=4, table_width=2)
+
+
+@pytest.mark.parametrize("prompt_len", [2, 3, 5, 70])
+def test_every_field_starts_16_bytes_aligned_whatever_the_sizes(prompt_len: int) -> None:
+    """Triton compiles a kernel variant per pointer alignment it sees: the views handed to kernels are
+    always 16-byte aligned, so no step compiles one while serving."""
+    specs = [ChunkSpec(list(range(prompt_len)), 0, list(range(40)), True), ChunkSpec([7], 9, [40, 41, 42, 43, 44], True)]
+    host = build_host_meta(specs, block_size=2)
+    meta = host.to_device(torch.device("cpu"))
+    assert all(offset % ALIGN == 0 for offset, _ in host.fields.values())
+    for t in (meta.decode.rows, meta.decode.ctx_lens, meta.decode.tables, meta.prefill.tables, meta.prefill.tile_seg):
+        assert t.data_ptr() % 16 == 0
