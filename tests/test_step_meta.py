@@ -82,7 +82,8 @@ def test_padding_refuses_prefills_and_too_many_decodes() -> None:
 def test_every_field_starts_16_bytes_aligned_whatever_the_sizes(prompt_len: int) -> None:
     """Triton compiles a kernel variant per pointer alignment it sees: the views handed to kernels are
     always 16-byte aligned, so no step compiles one while serving."""
-    specs = [ChunkSpec(list(range(prompt_len)), 0, list(range(40)), True), ChunkSpec([7], 9, [40, 41, 42, 43, 44], True)]
+    prompt = ChunkSpec(list(range(prompt_len)), 0, list(range(40)), True)
+    specs = [prompt, ChunkSpec([7], 9, [40, 41, 42, 43, 44], True)]
     host = build_host_meta(specs, block_size=2)
     meta = host.to_device(torch.device("cpu"))
     assert all(offset % ALIGN == 0 for offset, _ in host.fields.values())
