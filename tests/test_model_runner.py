@@ -164,17 +164,24 @@ def test_padded_static_decode_path_matches_the_eager_step(sdpa_runner: ModelRunn
 @pytest.mark.slow
 def test_triton_backend_matches_sdpa_eager_and_padded(tiny_dir: str, sdpa_runner: ModelRunner) -> None:
     pytest.importorskip("triton")
-    from executor_svc.cuda_graphs import DecodeGraphs
 
     runner = make_runner(tiny_dir, attention="triton")
     try:
         runner._compile_kernels()  # (on a GPU at start-up: every variant, over free blocks of the pool)
-        want = reference_logits(sdpa_runner)
-        assert_same(run_scenario(runner), want, atol=1e-4)
-        graphs = DecodeGraphs(runner, capture=False, buckets=(4,), table_width=8)
-        assert_same(run_scenario(runner, decode_via=graphs.run), want, atol=1e-4)
+        assert_eager_and_padded_match_the_reference(runner, sdpa_runner)
     finally:
         runner.close()
+
+
+def assert_eager_and_padded_match_the_reference(runner: ModelRunner, sdpa_runner: ModelRunner) -> None:
+    """runner's step, eager and on the padded static buffers the CUDA-graph path replays, against the
+    model's own full-sequence forward."""
+    from executor_svc.cuda_graphs import DecodeGraphs
+
+    want = reference_logits(sdpa_runner)
+    assert_same(run_scenario(runner), want, atol=1e-4)
+    graphs = DecodeGraphs(runner, capture=False, buckets=(4,), table_width=8)
+    assert_same(run_scenario(runner, decode_via=graphs.run), want, atol=1e-4)
 
 
 def test_pool_has_a_scratch_block_past_the_ones_the_scheduler_owns(sdpa_runner: ModelRunner) -> None:
@@ -311,17 +318,13 @@ def test_fused_ops_give_the_logits_of_the_models_own_code(tiny_dir: str, sdpa_ru
     """`--fused-ops on` (merged QKV and gate/up, Triton RMSNorm, rotary, SiLU x up; interpreted here),
     eager and on the padded static buffers the CUDA-graph path replays."""
     pytest.importorskip("triton")
-    from executor_svc.cuda_graphs import DecodeGraphs
 
     assert sdpa_runner.fused is False and sdpa_runner.fused_counts == {}
     runner = make_runner(tiny_dir, fused_ops="on")
     try:
         counts = runner.fused_counts
         assert (counts["qkv"], counts["gate_up"], counts["rms_norm"]) == (2, 2, 5), counts
-        want = reference_logits(sdpa_runner)
-        assert_same(run_scenario(runner), want, atol=1e-4)
-        graphs = DecodeGraphs(runner, capture=False, buckets=(4,), table_width=8)
-        assert_same(run_scenario(runner, decode_via=graphs.run), want, atol=1e-4)
+        assert_eager_and_padded_match_the_reference(runner, sdpa_runner)
     finally:
         runner.close()
 
