@@ -113,6 +113,7 @@ PRESETS: dict[str, Preset] = {
             tenants=8,
             priority_updates="random",
             priority_update_prob=0.02,
+            max_context_tokens=8192,  # the shipped llama3-8b's context (a longer history was refused)
         ),
         device_blocks=4096,
         # 24,576 host blocks: 48 GiB pinned with an 8B shape's 2 MiB blocks (the lent machine has 128 GiB;

@@ -88,6 +88,10 @@ class WorkloadSpec:
     priority_levels: int = 4
     priority_updates: str = "none"  # none | random | markov (applied by the scheduler)
     priority_update_prob: float = 0.0  # per live request, per iteration
+    # A conversation ends before the turn whose whole history (every prompt and answer so far, this
+    # prompt and its answer, with CONTEXT_MARGIN_PER_TURN each for the chat template) would pass this
+    # many tokens: the model's context, beyond which the server refuses a turn (0: no bound).
+    max_context_tokens: int = 0
 
     def validate(self) -> None:
         if self.conversations < 1:
@@ -105,6 +109,8 @@ class WorkloadSpec:
             raise ValueError("need 1 <= min_input_tokens <= max_input_tokens")
         if not 1 <= self.min_output_tokens <= self.max_output_tokens:
             raise ValueError("need 1 <= min_output_tokens <= max_output_tokens")
+        if self.max_context_tokens < 0:
+            raise ValueError(f"max_context_tokens must be >= 0 (0: no bound), got {self.max_context_tokens}")
         if self.scale <= 0 or self.think_mean_s < 0 or self.tenants < 1 or self.priority_levels < 1:
             raise ValueError("scale must be > 0, think time >= 0, tenants and priority levels >= 1")
         for what, mean, low, high in (
@@ -305,6 +311,10 @@ def cut_text(lines: list[str], start: int, n_tokens: int, count: CountTokens) ->
 
 # -- the generator ------------------------------------------------------------------------------------
 
+# Tokens a turn's chat template adds around its prompt and answer, at most (role markers, newlines,
+# a system prompt on the first), counted against `max_context_tokens`.
+CONTEXT_MARGIN_PER_TURN = 32
+
 
 def generate(
     spec: WorkloadSpec,
@@ -340,11 +350,16 @@ def generate(
             priority=who_rng.randrange(spec.priority_levels),
             arrival_s=round(arrival, 4),
         )
+        history = 0
         for k in range(n_turns):
             n_in = lognormal_tokens(len_rng, mu_in, spec.input_sigma, spec.min_input_tokens, spec.max_input_tokens)
             n_out = lognormal_tokens(len_rng, mu_out, spec.output_sigma, spec.min_output_tokens, spec.max_output_tokens)
             text, n_text = cut_text(lines, text_rng.randrange(len(lines)), n_in, count_tokens)
             think = time_rng.expovariate(1 / spec.think_mean_s) if k > 0 and spec.think_mean_s > 0 else 0.0
+            # (Every turn is drawn, kept or not: the later conversations draw what they drew without a bound.)
+            history += CONTEXT_MARGIN_PER_TURN + n_text + n_out
+            if k > 0 and spec.max_context_tokens and history > spec.max_context_tokens:
+                continue  # (the history only grows: every later turn goes too; the first always stays)
             conv.turns.append(Turn(prompt=text, prompt_tokens=n_text, max_tokens=n_out, think_s=round(think, 4)))
         conversations.append(conv)
     return Workload(spec=spec, tokenizer=tokenizer_name, conversations=conversations)

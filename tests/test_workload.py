@@ -10,6 +10,7 @@ import pytest
 
 from fastswitch_bench.presets import PRESETS
 from fastswitch_bench.workload import (
+    CONTEXT_MARGIN_PER_TURN,
     SHAREGPT_MEAN_TURNS,
     Workload,
     cut_text,
@@ -164,3 +165,19 @@ def test_prompt_lengths_are_exact_with_the_models_tokenizer() -> None:
         assert t.prompt_tokens == count(t.prompt) <= SMALL.max_input_tokens
     drawn = generate(SMALL)  # the same draws, cut by words: the model's cut is at most one word shorter
     assert w.summary()["total_output_tokens"] == drawn.summary()["total_output_tokens"]
+
+
+def test_a_context_bound_ends_conversations_before_the_turn_that_would_overflow_it() -> None:
+    """The gpu preset's histories outgrew the 8,192-token context: turns were refused, and the
+    conversations' later turns never sent. With the bound, each conversation stops before that turn;
+    the other conversations draw what they drew without it."""
+    spec = PRESETS["gpu"].workload
+    bounded = generate(replace(spec, conversations=40))
+    free = generate(replace(spec, conversations=40, max_context_tokens=0))
+    dropped = 0
+    for b, f in zip(bounded.conversations, free.conversations, strict=True):
+        assert b.turns == f.turns[: len(b.turns)] and b.turns, b.conversation_id
+        history = sum(CONTEXT_MARGIN_PER_TURN + t.prompt_tokens + t.max_tokens for t in b.turns)
+        assert history <= spec.max_context_tokens or len(b.turns) == 1
+        dropped += len(f.turns) - len(b.turns)
+    assert dropped > 0, "the unbounded draw should overflow the context somewhere"
