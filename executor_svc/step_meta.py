@@ -234,11 +234,13 @@ def build_host_meta(
     for name, arr in parts:
         fields[name] = (offset, arr.shape)
         pad = -arr.size % ALIGN
-        flat += [arr.reshape(-1).astype(np.int32, copy=False), np.zeros(pad, np.int32)]
+        flat.append(arr.reshape(-1).astype(np.int32, copy=False))
+        if pad:
+            flat.append(np.zeros(pad, np.int32))
         offset += arr.size + pad
     array = np.concatenate(flat) if flat else np.zeros(0, np.int32)
     return HostMeta(
-        array.astype(np.int32, copy=False),
+        array,
         fields,
         len(ids),
         max(dec_ctx) if dec_ctx else 0,

@@ -278,27 +278,25 @@ class ExecutorLink:
             self._wake.clear()
             if call.done():
                 raise _unavailable("the executor's stream ended")
+            plan = None
             if not sched.in_flight:  # (the walk runs only with no step in flight: Scheduler.plan_ahead)
                 plan = sched.schedule()
                 if sched.passed_over:
                     fleet.balance()
-                orders = sched.take_swap_orders()
-                if orders:
-                    await self._send_swaps(orders)
-                if plan is None:
-                    fleet.balance()  # an idle node takes what others passed over
-                    stalled = sched.swaps.num_in_flight > 0
-                    start = time.perf_counter()
-                    await self._wake.wait()
-                    if stalled:
-                        sched.stats.count("swap_stall_s", time.perf_counter() - start)
-                    continue
+            orders = sched.take_swap_orders()  # (with steps in flight too: a finished turn's KV spilled)
+            if orders:
+                await self._send_swaps(orders)
+            if not sched.in_flight:
+                fleet.balance()  # an idle node takes what others passed over
+                stalled = sched.swaps.num_in_flight > 0
+                start = time.perf_counter()
+                await self._wake.wait()
+                if stalled:
+                    sched.stats.count("swap_stall_s", time.perf_counter() - start)
+                continue
+            if plan is not None:
                 self._on_plan(plan)
                 await call.write(plan.to_proto())
-            else:
-                orders = sched.take_swap_orders()  # e.g. a finished turn's KV spilled to the host
-                if orders:
-                    await self._send_swaps(orders)
             ahead = sched.plan_ahead()  # the next decode step, sent while this one runs
             if ahead is not None:
                 await call.write(ahead.to_proto())

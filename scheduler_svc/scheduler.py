@@ -461,18 +461,15 @@ class Scheduler:
             blocks = self.blocks.take_unsent(seq)
             batch.block_slots += [seq.slot] * len(blocks)
             batch.block_ids += blocks
-        plan = StepPlan(next(self._step_ids), [], [], self._releases, batch)
-        self._releases = []
-        self.in_flight.append(InFlight(plan, keep, len(keep) == len(self.running)))
-        self.stats.count("steps")
         self.stats.count("steps_ahead")
-        return plan
+        return self._plan(_Step(budget=0, decodes=batch, decoding=keep))
 
     def on_step_output(self, output: StepOutput) -> list[TokenEvent]:
         """Advance every sequence of the oldest plan in flight; returns the tokens to stream."""
         if not self.in_flight or self.in_flight[0].plan.step_id != output.step_id:
             raise RuntimeError(f"step result {output.step_id} does not match the plan in flight")
-        plan, decoding, steady = self.in_flight[0].plan, self.in_flight[0].decoding, self.in_flight[0].covered
+        oldest = self.in_flight[0]
+        plan, decoding, steady = oldest.plan, oldest.decoding, oldest.covered
         if len(output.decode_tokens) != len(decoding):
             raise RuntimeError(
                 f"step result {output.step_id} has {len(output.decode_tokens)} decode tokens, "
